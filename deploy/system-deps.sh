@@ -17,8 +17,13 @@ echo "notifier: installing ${need[*]} from Debian packages" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian's postfix and redis packages start system daemons; we only want the binaries.
-for svc in postfix redis-server prometheus; do
+# The packages we just installed may start system daemons; we only want their binaries.
+# Only what this script installed is stopped: a Redis you already run is never touched.
+for pkg in "${need[@]}"; do
+  case "$pkg" in
+    postfix) $SUDO postfix stop >/dev/null 2>&1 || true; svc=postfix ;;
+    redis-server) svc=redis-server ;;
+    prometheus) svc=prometheus ;;
+  esac
   $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
-$SUDO postfix stop >/dev/null 2>&1 || true
