@@ -1,0 +1,73 @@
+"""Every Redis key name of notifier, in one place (shared by the producer and the worker).
+
+All keys live under a prefix (setting ``KEY_PREFIX``, default ``notifier``):
+
+==========================  ===========  ======================================================
+key                         type         holds
+==========================  ===========  ======================================================
+``<p>:queue``               list         events waiting; producers LPUSH, workers take the
+                                         oldest from the right end (retries go to that end)
+``<p>:processing:<wid>``    list         events a worker has fetched and not yet settled
+``<p>:retry``               sorted set   events waiting for a retry, scored by due time
+``<p>:dead``                list         dead letters (JSON: event text, reason, error, ...)
+``<p>:sent:<id>``           string       "delivered" mark with a TTL: a repeat id is a no-op
+``<p>:workers``             set          worker ids that own a processing list
+``<p>:worker:<wid>``        string       heartbeat (JSON info) with a short TTL
+``<p>:deliveries``          list         capped record of recent outcomes for ``stats``
+``<p>:counters``            hash         lifetime counters: delivered, retried, dead, ...
+``<p>:paused``              string       set while SMTP sending is paused on a config error
+==========================  ===========  ======================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = "notifier"
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @property
+    def queue(self) -> str:
+        return self._k("queue")
+
+    @property
+    def retry(self) -> str:
+        return self._k("retry")
+
+    @property
+    def dead(self) -> str:
+        return self._k("dead")
+
+    @property
+    def workers(self) -> str:
+        return self._k("workers")
+
+    @property
+    def deliveries(self) -> str:
+        return self._k("deliveries")
+
+    @property
+    def counters(self) -> str:
+        return self._k("counters")
+
+    @property
+    def paused(self) -> str:
+        return self._k("paused")
+
+    def processing(self, worker_id: str) -> str:
+        return self._k("processing", worker_id)
+
+    def heartbeat(self, worker_id: str) -> str:
+        return self._k("worker", worker_id)
+
+    def sent(self, event_id: str) -> str:
+        return self._k("sent", event_id)

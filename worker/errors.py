@@ -1,0 +1,60 @@
+"""The exceptions of the worker, one tree (classification of SMTP failures is in mailer.py)::
+
+    NotifierError
+     ├── SettingsError             a setting is missing or wrong (settings.py)
+     └── SendError                 one delivery attempt failed; .code, .reply, .retry_in_s
+          ├── TransientError       connect errors, timeouts, disconnects, 4xx, 552 -> retry
+          ├── ThrottledError       the provider says too fast / quota -> longer back-off
+          ├── PermanentError       other 5xx (mailbox unavailable, spam) -> dead letter now
+          └── ConfigurationError   auth rejected, TLS/certificate failure -> pause, keep events
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+__all__ = [
+    "Category",
+    "ConfigurationError",
+    "NotifierError",
+    "PermanentError",
+    "SendError",
+    "ThrottledError",
+    "TransientError",
+]
+
+Category = Literal["transient", "throttled", "permanent", "configuration"]
+
+
+class NotifierError(Exception):
+    """Base of every notifier exception."""
+
+
+class SendError(NotifierError):
+    category: ClassVar[Category]
+
+    def __init__(self, message: str, *, code: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.message}" if self.code else self.message
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class TransientError(SendError):
+    category = "transient"
+
+
+class ThrottledError(SendError):
+    category = "throttled"
+
+
+class PermanentError(SendError):
+    category = "permanent"
+
+
+class ConfigurationError(SendError):
+    category = "configuration"

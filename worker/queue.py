@@ -1,0 +1,308 @@
+"""Every Redis command and Lua script of the worker (key names: :mod:`producer.keys`).
+
+Invariant: an event is in exactly one of queue, processing, retry or dead, or it has been
+accepted by the SMTP server. Each move below is one atomic step (LMOVE/BLMOVE, MULTI or Lua):
+
+* :meth:`Queue.fetch`     queue -> processing:<wid>   (Lua batch when deep, BLMOVE when empty)
+* :meth:`Queue.ack`       processing -> gone, + sent mark, delivery record, counters (MULTI)
+* :meth:`Queue.retry`     processing -> retry zset scored by due time (MULTI)
+* :meth:`Queue.bury`      processing -> dead (MULTI)
+* :meth:`Queue.requeue`   processing -> front of queue (MULTI; config pause, shutdown)
+* :meth:`Queue.schedule`  due retry entries -> front of queue (Lua; safe with many workers)
+* :meth:`Queue.recover`   processing lists of workers whose heartbeat expired -> queue (Lua)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aredis
+
+from producer.keys import Keys
+
+__all__ = ["Depths", "Queue", "connect"]
+
+# Move up to ARGV[1] elements from the queue's right (oldest) end into the processing list.
+FETCH_MANY = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not v then break end
+  out[#out + 1] = v
+end
+return out
+"""
+
+# Move due retry entries (score <= ARGV[1], at most ARGV[2]) to the front (right end) of the
+# queue, the earliest due ending up first in line.
+SCHEDULE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for i = #due, 1, -1 do
+  redis.call('ZREM', KEYS[1], due[i])
+  redis.call('RPUSH', KEYS[2], due[i])
+end
+return #due
+"""
+
+# Return the processing lists of workers whose heartbeat key has expired to the front of the
+# queue (oldest first in line) and forget those workers. ARGV[1] = key prefix; ARGV[2] = a
+# worker id to treat as dead even if its heartbeat exists (its own restart), or ''.
+RECOVER = """
+local res = {}
+for _, wid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if wid == ARGV[2] or redis.call('EXISTS', ARGV[1] .. ':worker:' .. wid) == 0 then
+    local src = ARGV[1] .. ':processing:' .. wid
+    local n = 0
+    while true do
+      local v = redis.call('LMOVE', src, KEYS[2], 'LEFT', 'RIGHT')
+      if not v then break end
+      n = n + 1
+    end
+    if wid ~= ARGV[2] then redis.call('SREM', KEYS[1], wid) end
+    if n > 0 then res[#res + 1] = wid; res[#res + 1] = n end
+  end
+end
+return res
+"""
+
+# Replay one dead letter: remove it (exactly that element) and queue its event text.
+REPLAY = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
+    """An asyncio Redis client for the worker (no decoding: events are bytes)."""
+    return aredis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout + 5.0,  # above the blocking fetch's wait
+        health_check_interval=30,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Depths:
+    queue: int
+    retry: int
+    dead: int
+    processing: int
+
+
+class Queue:
+    """The worker's view of Redis. One instance per worker process."""
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        keys: Keys,
+        worker_id: str,
+        *,
+        sent_ttl_s: int = 7 * 24 * 3600,
+        deliveries_kept: int = 20000,
+        heartbeat_ttl_s: float = 10.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.worker_id = worker_id
+        self.processing = keys.processing(worker_id)
+        self.sent_ttl_s = sent_ttl_s
+        self.deliveries_kept = deliveries_kept
+        self.heartbeat_ttl_ms = int(heartbeat_ttl_s * 1000)
+        self._fetch_many = redis.register_script(FETCH_MANY)
+        self._schedule = redis.register_script(SCHEDULE)
+        self._recover = redis.register_script(RECOVER)
+        self._replay = redis.register_script(REPLAY)
+
+    # ------------------------------------------------------------------ worker liveness
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        """Register this worker and refresh its heartbeat (one round trip)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self.keys.workers, self.worker_id)
+        pipe.set(self.keys.heartbeat(self.worker_id), json.dumps(info), px=self.heartbeat_ttl_ms)
+        await pipe.execute()
+
+    async def recover(self, *, including_self: bool = False) -> dict[str, int]:
+        """Return dead workers' in-flight events to the queue: {worker id: count moved}."""
+        res = await self._recover(
+            keys=[self.keys.workers, self.keys.queue],
+            args=[self.keys.prefix, self.worker_id if including_self else ""],
+        )
+        pairs = cast(list[Any], res)
+        return {
+            (w.decode() if isinstance(w, bytes) else str(w)): int(n)
+            for w, n in zip(pairs[::2], pairs[1::2], strict=True)
+        }
+
+    async def deregister(self) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.heartbeat(self.worker_id))
+        pipe.srem(self.keys.workers, self.worker_id)
+        await pipe.execute()
+
+    # ------------------------------------------------------------------ fetch
+    async def fetch_ready(self, n: int) -> list[bytes]:
+        """Up to n events without blocking (one round trip)."""
+        if n <= 0:
+            return []
+        res = await self._fetch_many(keys=[self.keys.queue, self.processing], args=[n])
+        return list(cast(list[bytes], res))
+
+    async def fetch_blocking(self, redis: aredis.Redis, timeout_s: float) -> bytes | None:
+        """Wait up to timeout_s for one event (BLMOVE on the given, dedicated connection)."""
+        res = await redis.blmove(self.keys.queue, self.processing, timeout_s, "RIGHT", "LEFT")
+        return cast(bytes | None, res)
+
+    async def sent_marks(self, ids: Sequence[str]) -> list[bool]:
+        if not ids:
+            return []
+        res = await self.redis.mget([self.keys.sent(i) for i in ids])
+        return [v is not None for v in res]
+
+    # ------------------------------------------------------------------ settle
+    def _record(self, pipe: Any, record: dict[str, Any], counter: str, *extra: str) -> None:
+        pipe.lpush(self.keys.deliveries, json.dumps(record, separators=(",", ":")))
+        pipe.ltrim(self.keys.deliveries, 0, self.deliveries_kept - 1)
+        pipe.hincrby(self.keys.counters, counter, 1)
+        for name in extra:
+            pipe.hincrby(self.keys.counters, name, 1)
+
+    async def ack(self, raw: bytes, event_id: str, record: dict[str, Any]) -> None:
+        """Delivered: drop from processing, mark sent, record it (one round trip)."""
+        await self.ack_many([(raw, event_id, record)])
+
+    async def ack_many(self, items: Sequence[tuple[bytes, str, dict[str, Any]]]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for raw, event_id, record in items:
+            pipe.lrem(self.processing, 1, raw)
+            pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+            self._record(pipe, record, "delivered")
+        await pipe.execute()
+
+    async def skip_duplicate(self, raw: bytes) -> None:
+        """Already delivered (sent mark present): just drop it from processing."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.hincrby(self.keys.counters, "duplicates_skipped", 1)
+        await pipe.execute()
+
+    async def retry(self, raw: bytes, again: str, due: float, record: dict[str, Any]) -> None:
+        """Wait for a retry: the updated event text goes into the retry set at its due time."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.zadd(self.keys.retry, {again: due})
+        self._record(pipe, record, "retried", f"retried:{record.get('reason', '')}")
+        await pipe.execute()
+
+    async def bury(self, raw: bytes, dead_letter: dict[str, Any], record: dict[str, Any]) -> None:
+        """Dead letter: processing -> dead, with the reason."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.lpush(self.keys.dead, json.dumps(dead_letter, ensure_ascii=False))
+        self._record(pipe, record, "dead", f"dead:{record.get('reason', '')}")
+        await pipe.execute()
+
+    async def split(
+        self, raw: bytes, event_id: str, record: dict[str, Any], again: str, due: float
+    ) -> None:
+        """Delivered to some recipients; a retry for the refused ones (one round trip)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+        pipe.zadd(self.keys.retry, {again: due})
+        self._record(pipe, record, "delivered")
+        await pipe.execute()
+
+    async def requeue(self, raw: bytes) -> None:
+        """Back to the front of the queue, unchanged (not an attempt)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, raw)
+        pipe.rpush(self.keys.queue, raw)
+        await pipe.execute()
+
+    async def requeue_all(self) -> int:
+        """Everything in this worker's processing list back to the queue (graceful stop)."""
+        moved = await self.recover(including_self=True)
+        return moved.get(self.worker_id, 0)
+
+    # ------------------------------------------------------------------ retries
+    async def schedule(self, now: float | None = None, limit: int = 500) -> int:
+        """Move due retries to the front of the queue; returns how many."""
+        n = await self._schedule(
+            keys=[self.keys.retry, self.keys.queue], args=[now or time.time(), limit]
+        )
+        return int(cast(int, n))
+
+    async def next_due(self) -> float | None:
+        res = await self.redis.zrange(self.keys.retry, 0, 0, withscores=True)
+        return float(res[0][1]) if res else None
+
+    # ------------------------------------------------------------------ pause flag
+    async def set_paused(self, reason: str | None, ttl_s: float = 600.0) -> None:
+        if reason is None:
+            await self.redis.delete(self.keys.paused)
+        else:
+            value = json.dumps({"worker": self.worker_id, "reason": reason, "at": time.time()})
+            await self.redis.set(self.keys.paused, value, px=int(ttl_s * 1000))
+
+    # ------------------------------------------------------------------ inspection
+    async def depths(self) -> Depths:
+        workers = [w.decode() for w in await self.redis.smembers(self.keys.workers)]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.keys.queue)
+        pipe.zcard(self.keys.retry)
+        pipe.llen(self.keys.dead)
+        for w in workers:
+            pipe.llen(self.keys.processing(w))
+        res = await pipe.execute()
+        return Depths(int(res[0]), int(res[1]), int(res[2]), sum(int(x) for x in res[3:]))
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(self.keys.counters)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def recent(self, since: float) -> list[dict[str, Any]]:
+        """Outcome records newer than ``since`` (newest first)."""
+        out: list[dict[str, Any]] = []
+        start, page = 0, 1000
+        while True:
+            chunk = await self.redis.lrange(self.keys.deliveries, start, start + page - 1)
+            if not chunk:
+                return out
+            for item in chunk:
+                rec = json.loads(item)
+                if rec.get("t", 0) < since:
+                    return out
+                out.append(rec)
+            start += page
+
+    async def workers(self) -> dict[str, dict[str, Any] | None]:
+        ids = sorted(w.decode() for w in await self.redis.smembers(self.keys.workers))
+        if not ids:
+            return {}
+        values = await self.redis.mget([self.keys.heartbeat(w) for w in ids])
+        return {w: (json.loads(v) if v else None) for w, v in zip(ids, values, strict=True)}
+
+    # ------------------------------------------------------------------ dead letters
+    async def dead_letters(self, limit: int = 100) -> list[tuple[bytes, dict[str, Any]]]:
+        raw = await self.redis.lrange(self.keys.dead, 0, limit - 1 if limit > 0 else -1)
+        return [(r, json.loads(r)) for r in raw]
+
+    async def replay(self, raw: bytes, event_text: str) -> bool:
+        res = await self._replay(keys=[self.keys.dead, self.keys.queue], args=[raw, event_text])
+        return int(cast(int, res)) == 1
+
+    async def purge_dead(self) -> int:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.llen(self.keys.dead)
+        pipe.delete(self.keys.dead)
+        res = await pipe.execute()
+        return int(res[0])

@@ -1,0 +1,229 @@
+"""Every setting of the worker: one pydantic-settings model, from the environment or ``.env``.
+
+Names are the field names upper-cased with the prefix ``NOTIFIER_`` (``NOTIFIER_SMTP_HOST``).
+``SMTP_PROVIDER`` fills host, port and TLS mode from a preset; explicit values win.
+The password comes from ``SMTP_PASSWORD``, ``SMTP_PASSWORD_FILE`` or systemd's
+``$CREDENTIALS_DIRECTORY/smtp_password`` (``LoadCredential=``), in that order of preference.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from email.utils import formataddr, parseaddr
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from producer.event import valid_address
+
+from .errors import NotifierError
+
+__all__ = ["PROVIDERS", "Provider", "Settings", "SettingsError", "load_settings"]
+
+TlsMode = Literal["ssl", "starttls", "none"]
+
+
+class Provider:
+    """A preset: where the provider's submission server is and what it allows."""
+
+    def __init__(self, host: str, port: int, tls: TlsMode, per_minute: int, note: str) -> None:
+        self.host, self.port, self.tls, self.per_minute, self.note = host, port, tls, per_minute, note
+
+
+# Rates are conservative published or observed limits for personal accounts.
+PROVIDERS: dict[str, Provider] = {
+    "qq": Provider("smtp.qq.com", 465, "ssl", 20,
+                   "password = 16-character authorization code (授权码), enable SMTP in settings"),
+    "163": Provider("smtp.163.com", 465, "ssl", 15,
+                    "password = authorization code (授权码), enable SMTP in settings"),
+    "126": Provider("smtp.126.com", 465, "ssl", 15,
+                    "password = authorization code (授权码), enable SMTP in settings"),
+    "exmail": Provider("smtp.exmail.qq.com", 465, "ssl", 60, "Tencent business mail"),
+    "gmail": Provider("smtp.gmail.com", 465, "ssl", 20, "password = Google app password"),
+    "outlook": Provider("smtp.office365.com", 587, "starttls", 30, "Microsoft 365 / Outlook.com"),
+}  # fmt: skip
+
+
+class SettingsError(NotifierError, ValueError):
+    """A setting is missing or wrong; the message names it and says how to fix it."""
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NOTIFIER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Redis
+    redis_url: str = "redis://localhost:6379/0"
+    key_prefix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = (
+        "notifier"
+    )
+    worker_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.@:-]*$", max_length=128)
+
+    # SMTP
+    smtp_provider: str | None = None
+    smtp_host: str | None = None
+    smtp_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    smtp_tls: TlsMode | None = None
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_password_file: Path | None = None
+    smtp_validate_certs: bool = True
+    smtp_ca_file: Path | None = None
+    smtp_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    smtp_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    smtp_max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
+    smtp_esmtp_mode: Literal["auto", "pipelining", "sequential"] = "auto"
+
+    # Mail
+    mail_from: str | None = None
+    mail_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    template_dir: Path | None = None
+
+    # Delivery
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    retry_base_s: Annotated[float, Field(gt=0)] = 1.0
+    retry_max_s: Annotated[float, Field(gt=0)] = 300.0
+    throttle_base_s: Annotated[float, Field(gt=0)] = 30.0
+    sent_ttl_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    heartbeat_ttl_s: Annotated[float, Field(ge=2)] = 10.0
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
+    fetch_batch: Annotated[int, Field(ge=1, le=1000)] = 32
+
+    # Observability
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    latency_target_s: Annotated[float, Field(gt=0)] = 1.0
+    deliveries_kept: Annotated[int, Field(ge=100)] = 20000
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("mail_to", "allowed_recipients", mode="before")
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        return _split(v)
+
+    @field_validator("mail_to", "allowed_recipients")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for address in v:
+            if not valid_address(address):
+                raise ValueError(f"{address!r} is not a plain address like name@example.com")
+        return [a.lower() for a in v]
+
+    @field_validator("mail_from")
+    @classmethod
+    def _from(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name, address = parseaddr(v)
+        if not valid_address(address):
+            raise ValueError(f"{v!r}: use name@example.com or 'Display Name <name@example.com>'")
+        return formataddr((name, address)) if name else address
+
+    @field_validator("smtp_provider")
+    @classmethod
+    def _provider(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in PROVIDERS:
+            raise ValueError(f"unknown provider {v!r}; known: {', '.join(PROVIDERS)}")
+        return v.lower() if v else None
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Self:
+        preset = PROVIDERS.get(self.smtp_provider or "")
+        if preset:
+            self.smtp_host = self.smtp_host or preset.host
+            self.smtp_port = self.smtp_port or preset.port
+            self.smtp_tls = self.smtp_tls or preset.tls
+        self.smtp_host = self.smtp_host or "localhost"
+        self.smtp_tls = self.smtp_tls or "none"
+        if self.smtp_port is None:
+            self.smtp_port = {"ssl": 465, "starttls": 587, "none": 25}[self.smtp_tls]
+        if self.smtp_password is None:
+            self.smtp_password = _read_password(self.smtp_password_file)
+        if self.mail_from is None and self.smtp_username and valid_address(self.smtp_username):
+            self.mail_from = self.smtp_username
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("NOTIFIER_RETRY_MAX_S must be at least NOTIFIER_RETRY_BASE_S")
+        if not self.worker_id:
+            self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def provider(self) -> Provider | None:
+        return PROVIDERS.get(self.smtp_provider or "")
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """Recipients an event may name: ALLOWED_RECIPIENTS ∪ MAIL_TO."""
+        return frozenset(self.allowed_recipients) | frozenset(self.mail_to)
+
+    def require_mail(self) -> None:
+        """Raise SettingsError unless sending mail is configured."""
+        if not self.mail_from:
+            raise SettingsError(
+                "NOTIFIER_MAIL_FROM: not set; use the account's address, e.g. 12345@qq.com"
+            )
+        if not self.mail_to:
+            raise SettingsError("NOTIFIER_MAIL_TO: not set; give the default recipients, comma separated")
+        if self.smtp_username and self.smtp_password is None:
+            raise SettingsError(
+                "NOTIFIER_SMTP_PASSWORD: not set; set it, NOTIFIER_SMTP_PASSWORD_FILE, or a "
+                "systemd credential smtp_password"
+            )
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for display: secrets masked."""
+        out = self.model_dump(mode="json")
+        out["smtp_password"] = "**********" if self.smtp_password else None
+        return out
+
+
+def _read_password(path: Path | None) -> SecretStr | None:
+    if path is None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / "smtp_password").is_file():
+            path = Path(creds) / "smtp_password"
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(
+            f"NOTIFIER_SMTP_PASSWORD_FILE={path}: cannot read it ({exc.strerror})"
+        ) from None
+    return SecretStr(text) if text else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings or raise SettingsError with one line naming the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = str(err["loc"][0]).upper() if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if not field:  # a check across several settings names them itself
+            raise SettingsError(msg) from None
+        name = f"NOTIFIER_{field}"
+        got = err.get("input")
+        shown = "" if field == "SMTP_PASSWORD" or isinstance(got, dict) else f" (got {got!r})"
+        raise SettingsError(f"{name}: {msg}{shown}") from None
