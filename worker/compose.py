@@ -57,8 +57,10 @@ def render_subject(event: Event) -> str:
                 subject += f" @ {_number(data['price'])}"
         else:
             first = (event.body or "").strip().splitlines()
-            text = _line(first[0]) if first else ", ".join(
-                f"{_line(k)}={_line(v)}" for k, v in list(data.items())[:4]
+            text = (
+                _line(first[0])
+                if first
+                else ", ".join(f"{_line(k)}={_line(v)}" for k, v in list(data.items())[:4])
             )
             subject = f"[{event.kind.upper()}] {text}" if text else f"[{event.kind.upper()}]"
         if event.strategy:
@@ -71,7 +73,11 @@ def render_subject(event: Event) -> str:
 
 def message_id(event_id: str, domain: str) -> str:
     """``<event-id@domain>``; ids that are not a valid dot-atom are hashed."""
-    left = event_id if _ATEXT.fullmatch(event_id) else hashlib.sha256(event_id.encode()).hexdigest()[:32]
+    left = (
+        event_id
+        if _ATEXT.fullmatch(event_id)
+        else hashlib.sha256(event_id.encode()).hexdigest()[:32]
+    )
     return f"<{left}@{domain}>"
 
 
@@ -140,9 +146,9 @@ class Composer:
         msg["To"] = ", ".join(recipients)
         msg["Date"] = format_datetime(datetime.fromtimestamp(time.time()).astimezone())
         msg["Message-ID"] = message_id(event_id, self.domain)
-        msg["X-Notifier-Event-Id"] = event_id if _ATEXT.fullmatch(event_id) else message_id(
-            event_id, self.domain
-        )[1:-1]
+        msg["X-Notifier-Event-Id"] = (
+            event_id if _ATEXT.fullmatch(event_id) else message_id(event_id, self.domain)[1:-1]
+        )
         msg["X-Notifier-Severity"] = event.severity
         if event.severity == "critical":
             msg["X-Priority"] = "1"

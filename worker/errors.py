@@ -1,12 +1,12 @@
 """The exceptions of the worker, one tree (classification of SMTP failures is in mailer.py)::
 
-    NotifierError
-     ├── SettingsError             a setting is missing or wrong (settings.py)
-     └── SendError                 one delivery attempt failed; .code, .reply, .retry_in_s
-          ├── TransientError       connect errors, timeouts, disconnects, 4xx, 552 -> retry
-          ├── ThrottledError       the provider says too fast / quota -> longer back-off
-          ├── PermanentError       other 5xx (mailbox unavailable, spam) -> dead letter now
-          └── ConfigurationError   auth rejected, TLS/certificate failure -> pause, keep events
+NotifierError
+ ├── SettingsError             a setting is missing or wrong (settings.py)
+ └── SendError                 one delivery attempt failed; .code, .reply, .retry_in_s
+      ├── TransientError       connect errors, timeouts, disconnects, 4xx, 552 -> retry
+      ├── ThrottledError       the provider says too fast / quota -> longer back-off
+      ├── PermanentError       other 5xx (mailbox unavailable, spam) -> dead letter now
+      └── ConfigurationError   auth rejected, TLS/certificate failure -> pause, keep events
 """
 
 from __future__ import annotations

@@ -149,7 +149,9 @@ def classify(exc: BaseException, provider: str | None = None) -> SendError:
             if found:
                 return found[0]
         first = exc.recipients[0]
-        return PermanentError(f"recipient {first.recipient} refused: {first.message}", code=first.code)
+        return PermanentError(
+            f"recipient {first.recipient} refused: {first.message}", code=first.code
+        )
     if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
         # The server refused us before any mail was sent: nothing to do with the event.
         err = _classify_reply(exc.code, exc.message, provider)

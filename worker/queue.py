@@ -79,6 +79,15 @@ return 0
 """
 
 
+def _v(value: object) -> Any:
+    """redis-py's stubs say str where bytes are fine (and needed: events are raw bytes)."""
+    return value
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
     """An asyncio Redis client for the worker (no decoding: events are bytes)."""
     return aredis.Redis.from_url(
@@ -158,7 +167,7 @@ class Queue:
 
     async def fetch_blocking(self, redis: aredis.Redis, timeout_s: float) -> bytes | None:
         """Wait up to timeout_s for one event (BLMOVE on the given, dedicated connection)."""
-        res = await redis.blmove(self.keys.queue, self.processing, timeout_s, "RIGHT", "LEFT")
+        res = await redis.blmove(self.keys.queue, self.processing, _v(timeout_s), "RIGHT", "LEFT")
         return cast(bytes | None, res)
 
     async def sent_marks(self, ids: Sequence[str]) -> list[bool]:
@@ -182,7 +191,7 @@ class Queue:
     async def ack_many(self, items: Sequence[tuple[bytes, str, dict[str, Any]]]) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for raw, event_id, record in items:
-            pipe.lrem(self.processing, 1, raw)
+            pipe.lrem(self.processing, 1, _v(raw))
             pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
             self._record(pipe, record, "delivered")
         await pipe.execute()
@@ -190,14 +199,14 @@ class Queue:
     async def skip_duplicate(self, raw: bytes) -> None:
         """Already delivered (sent mark present): just drop it from processing."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, raw)
+        pipe.lrem(self.processing, 1, _v(raw))
         pipe.hincrby(self.keys.counters, "duplicates_skipped", 1)
         await pipe.execute()
 
     async def retry(self, raw: bytes, again: str, due: float, record: dict[str, Any]) -> None:
         """Wait for a retry: the updated event text goes into the retry set at its due time."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, raw)
+        pipe.lrem(self.processing, 1, _v(raw))
         pipe.zadd(self.keys.retry, {again: due})
         self._record(pipe, record, "retried", f"retried:{record.get('reason', '')}")
         await pipe.execute()
@@ -205,7 +214,7 @@ class Queue:
     async def bury(self, raw: bytes, dead_letter: dict[str, Any], record: dict[str, Any]) -> None:
         """Dead letter: processing -> dead, with the reason."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, raw)
+        pipe.lrem(self.processing, 1, _v(raw))
         pipe.lpush(self.keys.dead, json.dumps(dead_letter, ensure_ascii=False))
         self._record(pipe, record, "dead", f"dead:{record.get('reason', '')}")
         await pipe.execute()
@@ -215,7 +224,7 @@ class Queue:
     ) -> None:
         """Delivered to some recipients; a retry for the refused ones (one round trip)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, raw)
+        pipe.lrem(self.processing, 1, _v(raw))
         pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
         pipe.zadd(self.keys.retry, {again: due})
         self._record(pipe, record, "delivered")
@@ -224,7 +233,7 @@ class Queue:
     async def requeue(self, raw: bytes) -> None:
         """Back to the front of the queue, unchanged (not an attempt)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, raw)
+        pipe.lrem(self.processing, 1, _v(raw))
         pipe.rpush(self.keys.queue, raw)
         await pipe.execute()
 
@@ -255,7 +264,7 @@ class Queue:
 
     # ------------------------------------------------------------------ inspection
     async def depths(self) -> Depths:
-        workers = [w.decode() for w in await self.redis.smembers(self.keys.workers)]
+        workers = [_s(w) for w in await self.redis.smembers(self.keys.workers)]
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(self.keys.queue)
         pipe.zcard(self.keys.retry)
@@ -267,7 +276,7 @@ class Queue:
 
     async def counters(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.counters)
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {_s(k): int(v) for k, v in raw.items()}
 
     async def recent(self, since: float) -> list[dict[str, Any]]:
         """Outcome records newer than ``since`` (newest first)."""
@@ -285,7 +294,7 @@ class Queue:
             start += page
 
     async def workers(self) -> dict[str, dict[str, Any] | None]:
-        ids = sorted(w.decode() for w in await self.redis.smembers(self.keys.workers))
+        ids = sorted(_s(w) for w in await self.redis.smembers(self.keys.workers))
         if not ids:
             return {}
         values = await self.redis.mget([self.keys.heartbeat(w) for w in ids])
@@ -294,7 +303,7 @@ class Queue:
     # ------------------------------------------------------------------ dead letters
     async def dead_letters(self, limit: int = 100) -> list[tuple[bytes, dict[str, Any]]]:
         raw = await self.redis.lrange(self.keys.dead, 0, limit - 1 if limit > 0 else -1)
-        return [(r, json.loads(r)) for r in raw]
+        return [(cast(bytes, r), json.loads(r)) for r in raw]
 
     async def replay(self, raw: bytes, event_text: str) -> bool:
         res = await self._replay(keys=[self.keys.dead, self.keys.queue], args=[raw, event_text])

@@ -36,7 +36,13 @@ class Provider:
     """A preset: where the provider's submission server is and what it allows."""
 
     def __init__(self, host: str, port: int, tls: TlsMode, per_minute: int, note: str) -> None:
-        self.host, self.port, self.tls, self.per_minute, self.note = host, port, tls, per_minute, note
+        self.host, self.port, self.tls, self.per_minute, self.note = (
+            host,
+            port,
+            tls,
+            per_minute,
+            note,
+        )
 
 
 # Rates are conservative published or observed limits for personal accounts.
@@ -70,9 +76,9 @@ class Settings(BaseSettings):
 
     # Redis
     redis_url: str = "redis://localhost:6379/0"
-    key_prefix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = (
-        "notifier"
-    )
+    key_prefix: Annotated[
+        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    ] = "notifier"
     worker_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.@:-]*$", max_length=128)
 
     # SMTP
@@ -88,7 +94,7 @@ class Settings(BaseSettings):
     smtp_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     smtp_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     smtp_max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
-    smtp_esmtp_mode: Literal["auto", "pipelining", "sequential"] = "auto"
+    smtp_esmtp_mode: Literal["auto", "chunking", "pipelining", "sequential"] = "auto"
 
     # Mail
     mail_from: str | None = None
@@ -183,7 +189,9 @@ class Settings(BaseSettings):
                 "NOTIFIER_MAIL_FROM: not set; use the account's address, e.g. 12345@qq.com"
             )
         if not self.mail_to:
-            raise SettingsError("NOTIFIER_MAIL_TO: not set; give the default recipients, comma separated")
+            raise SettingsError(
+                "NOTIFIER_MAIL_TO: not set; give the default recipients, comma separated"
+            )
         if self.smtp_username and self.smtp_password is None:
             raise SettingsError(
                 "NOTIFIER_SMTP_PASSWORD: not set; set it, NOTIFIER_SMTP_PASSWORD_FILE, or a "

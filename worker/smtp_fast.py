@@ -1,0 +1,557 @@
+"""Fewer round trips per message on a warm aiosmtplib connection.
+
+aiosmtplib 5.1 sends MAIL, each RCPT, DATA and the message one at a time and waits for
+each reply: ``3 + len(recipients)`` round trips a message. This module keeps
+aiosmtplib's connection handling, TLS, AUTH and reply parser and adds one method,
+:meth:`FastSMTP.transact`, which uses what the server advertises:
+
+=============  ==========================================================  ===========
+mode           what is written in one flight                                round trips
+=============  ==========================================================  ===========
+chunking       ``MAIL``, every ``RCPT``, ``BDAT <n> LAST`` + the message    1
+               (RFC 3030 CHUNKING with RFC 2920 PIPELINING)
+pipelining     ``MAIL``, every ``RCPT``, ``DATA``; after 354 the message     2
+               (RFC 2920 PIPELINING)
+sequential     aiosmtplib's own :meth:`aiosmtplib.SMTP.sendmail`            3 + rcpts
+=============  ==========================================================  ===========
+
+Replies are checked in the order aiosmtplib's ``sendmail`` checks them, and the same
+exception types come out, so callers classify failures the same way whatever the mode:
+
+- ``SMTPSenderRefused(code, message, sender)`` when MAIL is refused;
+- ``SMTPRecipientsRefused([SMTPRecipientRefused, ...])`` when every RCPT is refused;
+  refused recipients among accepted ones are returned in ``recipient_errors``;
+- ``SMTPDataError(code, message)`` when DATA is not answered 354, or the end of data
+  or ``BDAT ... LAST`` is not answered 250;
+- ``SMTPServerDisconnected`` on a disconnect (also when RCPT is answered 421, as in
+  aiosmtplib, which closes the connection on 421); ``SMTPReadTimeoutError`` when a reply
+  does not come in time. Both close the connection.
+
+After a refusal the replies still owed for the rest of the pipelined group are read and
+discarded (a 354 to a pipelined DATA is answered with an empty message, ``.``), then
+``RSET`` is sent and its failure ignored, like aiosmtplib. Whenever the client could
+lose track of which reply answers which command (timeout, disconnect, malformed reply,
+cancellation) the connection is closed instead of being reused.
+
+:class:`PipelineProtocol` is what makes this possible: aiosmtplib's protocol parses one
+reply per ``data_received`` and drops bytes that arrive while no read is pending, so
+replies to commands written together would be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.errors import (
+    SMTPConnectError,
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPNotSupported,
+    SMTPReadTimeoutError,
+    SMTPRecipientRefused,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    MAX_RESPONSE_LENGTH,
+    PERIOD_REGEX,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
+
+__all__ = ["EsmtpMode", "FastSMTP", "PipelineProtocol", "TransactMode", "TransactResult"]
+
+logger = logging.getLogger(__name__)
+
+TransactMode = Literal["chunking", "pipelining", "sequential"]
+# "auto" uses the fastest mode the server offers; the others are a ceiling (a server
+# that does not offer the named mode gets the next slower one).
+EsmtpMode = Literal["auto", "chunking", "pipelining", "sequential"]
+
+_ACCEPTED_RCPT = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+
+class PipelineProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping every reply in order.
+
+    Each complete reply is parsed (with aiosmtplib's own parser) as soon as it arrives
+    and queued, whether or not a read is pending; :meth:`read_response` returns the
+    oldest queued reply and waits only when none is queued. So N commands written in
+    one flight (:meth:`send_group`) are followed by N ``read_response()`` calls.
+
+    aiosmtplib's guards are kept: a reply longer than ``MAX_RESPONSE_LENGTH`` or a
+    malformed line is queued as ``SMTPResponseException(-1, ...)`` (and the buffer is
+    dropped, the stream being out of step); EOF or a lost connection make every read
+    past the queued replies raise ``SMTPServerDisconnected`` (after QUIT, an awaited
+    reply that never came reads as ``221``).
+
+    Stray replies: the protocol counts the replies owed for the commands written (the
+    greeting counts as one). A reply that arrives while none is owed, e.g. a server's
+    ``421 idle timeout``, is kept until the next write and discarded then (logged at
+    debug), as aiosmtplib discards unsolicited data, so it can never be taken for the
+    answer to the next command. After STARTTLS is answered 220, anything already
+    received is discarded too (RFC 3207 section 4.2; aiosmtplib clears its buffer then).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        connection_lost_callback: Callable[[SMTPProtocol], None] | None = None,
+    ) -> None:
+        super().__init__(loop=loop, connection_lost_callback=connection_lost_callback)
+        self._replies: collections.deque[SMTPResponse | SMTPResponseException] = collections.deque()
+        self._owed = 0
+        self._reply_waiter: asyncio.Future[None] | None = None
+        self._closed_reason: str | None = None
+        self._closed_cause: BaseException | None = None
+        self._starttls_sent = False
+
+    @property
+    def replies_owed(self) -> int:
+        """Replies owed for the commands written that have not been read yet."""
+        return self._owed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The base class's single-reply future is not used here.
+        self._response_waiter = None
+        self._replies.clear()
+        self._owed = 1  # the greeting
+        self._closed_reason = None
+        self._closed_cause = None
+        self._starttls_sent = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed_reason is None:
+            if self._quit_sent and self._owed > len(self._replies):
+                self._replies.append(SMTPResponse(SMTPStatus.closing.value, ""))
+            self._closed_reason = "Connection lost"
+            self._closed_cause = exc
+        self._wake()
+        # Sets transport to None, wakes paused writers and tells the SMTP client.
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        if self._closed_reason is None:
+            self._closed_reason = "Unexpected EOF received"
+        self._wake()
+        # Returning false closes the transport
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self._closed_reason is not None:
+            return
+        self._buffer.extend(data)
+        if b"\n" in data:
+            while True:
+                try:
+                    response = self._read_response_from_buffer()
+                except SMTPResponseException as exc:  # too long or malformed
+                    del self._buffer[:]
+                    self._replies.append(exc)
+                    break
+                if response is None:
+                    break
+                self._replies.append(response)
+        # Only an incomplete reply is left in the buffer now.
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            del self._buffer[:]
+            self._replies.append(
+                SMTPResponseException(SMTPStatus.invalid_response.value, "Response too long")
+            )
+        if self._replies:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._reply_waiter is not None and not self._reply_waiter.done():
+            self._reply_waiter.set_result(None)
+
+    def _disconnected(self) -> SMTPServerDisconnected:
+        exc = SMTPServerDisconnected(self._closed_reason or "Connection lost")
+        exc.__cause__ = self._closed_cause
+        return exc
+
+    # The name and meaning of ``timeout`` (per reply) are aiosmtplib's.
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        """The oldest reply not yet read, waiting up to ``timeout`` seconds for it.
+
+        :raises SMTPReadTimeoutError: no reply within ``timeout``
+        :raises SMTPServerDisconnected: the connection ended before the reply came
+        :raises SMTPResponseException: the reply was malformed or too long
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._replies:
+                    if self._closed_reason is not None or self.transport is None:
+                        raise self._disconnected()
+                    if self._reply_waiter is not None:
+                        # Callers hold the command lock; replies have one reader.
+                        raise RuntimeError("read_response() is already being awaited")
+                    self._reply_waiter = self._loop.create_future()
+                    try:
+                        await self._reply_waiter
+                    finally:
+                        self._reply_waiter = None
+        except TimeoutError as exc:
+            raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+
+        item = self._replies.popleft()
+        self._owed = max(0, self._owed - 1)
+        if isinstance(item, SMTPResponseException):
+            raise item
+        if self._starttls_sent:
+            self._starttls_sent = False
+            if item.code == SMTPStatus.ready:
+                self._discard_unread("received before the TLS handshake")
+        return item
+
+    def write(self, data: bytes) -> None:
+        """Write one command (aiosmtplib's commands each expect one reply)."""
+        self.send_group(data, replies=1)
+        if data == b"STARTTLS\r\n":
+            self._starttls_sent = True
+
+    def send_group(self, data: bytes, *, replies: int) -> None:
+        """Write ``data`` holding commands that will be answered by ``replies`` replies.
+
+        :raises SMTPServerDisconnected: the connection is closed or closing
+        """
+        if self._owed == 0:
+            self._discard_unread("received while no command was waiting for a reply")
+        super().write(data)
+        self._owed += replies
+
+    def _discard_unread(self, why: str) -> None:
+        if self._replies or self._buffer:
+            logger.debug(
+                "discarding %d unread SMTP replies and %d bytes %s",
+                len(self._replies),
+                len(self._buffer),
+                why,
+            )
+            self._replies.clear()
+            del self._buffer[:]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactResult:
+    """The outcome of one accepted mail transaction."""
+
+    recipient_errors: dict[str, SMTPResponse]
+    """Refused recipients (the others got the message), as aiosmtplib's sendmail."""
+    response: SMTPResponse
+    """The server's 250 to the end of data (or to ``BDAT ... LAST``)."""
+    mode: TransactMode
+    round_trips: int
+    """Times the client waited for the server in this transaction."""
+
+
+def _command(*args: bytes) -> bytes:
+    for arg in args:
+        if COMMAND_INJECTION_REGEX.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
+
+
+class FastSMTP(aiosmtplib.SMTP):
+    """``aiosmtplib.SMTP`` with pipelined and chunked mail transactions (:meth:`transact`).
+
+    Connect, STARTTLS, login, QUIT and every other command are aiosmtplib's. Set
+    ``esmtp_mode`` (on the instance or per call) to ``"pipelining"`` or
+    ``"sequential"`` to use at most that mode, e.g. for benchmarks and tests.
+    """
+
+    esmtp_mode: EsmtpMode = "auto"
+    """The fastest mode :meth:`transact` may use; assign on an instance to override."""
+
+    # Copied from aiosmtplib 5.1.3 SMTP._create_connection; only the protocol class
+    # differs. A private method copied verbatim is why pyproject.toml pins aiosmtplib's
+    # minor version (>=5.1.3,<5.2): recheck this copy before widening the pin.
+    async def _create_connection(self, timeout: float | None) -> SMTPResponse:
+        if self.loop is None:
+            raise RuntimeError("No event loop set")
+
+        port = self.port
+        hostname = self.hostname
+
+        protocol = PipelineProtocol(
+            loop=self.loop, connection_lost_callback=self._on_connection_lost
+        )
+
+        tls_context: ssl.SSLContext | None = None
+        ssl_handshake_timeout: float | None = None
+        server_hostname: str | None = None
+        if self.use_tls:
+            tls_context = await self._get_tls_context()
+            ssl_handshake_timeout = timeout
+            server_hostname = hostname
+
+        if self.sock is not None:
+            connect_coro = self.loop.create_connection(
+                lambda: protocol,
+                sock=self.sock,
+                ssl=tls_context,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+            )
+        elif self.socket_path is not None:
+            connect_coro = self.loop.create_unix_connection(
+                lambda: protocol,
+                path=self.socket_path,  # type: ignore[arg-type]
+                ssl=tls_context,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+            )
+        else:
+            if hostname is None:
+                hostname = "localhost"
+            if port is None:
+                port = self._get_default_port()
+
+            connect_coro = self.loop.create_connection(
+                lambda: protocol,
+                host=hostname,
+                port=port,
+                ssl=tls_context,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                local_addr=self.source_address,
+            )
+
+        try:
+            transport, _ = await asyncio.wait_for(connect_coro, timeout=timeout)
+        except TimeoutError as exc:
+            raise SMTPConnectTimeoutError(
+                f"Timed out connecting to {hostname} on port {port}"
+            ) from exc
+        except OSError as exc:
+            raise SMTPConnectError(f"Error connecting to {hostname} on port {port}: {exc}") from exc
+
+        self.protocol = protocol
+        self.transport = transport
+
+        try:
+            response = await protocol.read_response(timeout=timeout)
+        except SMTPServerDisconnected as exc:
+            raise SMTPConnectError(f"Error connecting to {hostname} on port {port}: {exc}") from exc
+        except SMTPTimeoutError as exc:
+            raise SMTPConnectTimeoutError("Timed out waiting for server ready message") from exc
+
+        if response.code != SMTPStatus.ready:
+            raise SMTPConnectResponseError(response.code, response.message)
+
+        return response
+
+    def transact_mode(self, esmtp_mode: EsmtpMode | None = None) -> TransactMode:
+        """The mode :meth:`transact` will use on this connection (after EHLO)."""
+        wanted = self.esmtp_mode if esmtp_mode is None else esmtp_mode
+        if (
+            wanted == "sequential"
+            or not self.supports_extension("pipelining")
+            or not isinstance(self.protocol, PipelineProtocol)
+        ):
+            return "sequential"
+        if wanted in ("auto", "chunking") and self.supports_extension("chunking"):
+            return "chunking"
+        return "pipelining"
+
+    async def transact(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        timeout: float | None = None,
+        esmtp_mode: EsmtpMode | None = None,
+    ) -> TransactResult:
+        """Perform one whole mail transaction on the current connection.
+
+        ``message`` is the flattened message (``email.policy.SMTP``); lone CR or LF
+        become CRLF. ``timeout`` bounds the wait for each reply (``None``: the
+        connection's ``timeout``). MAIL carries ``SIZE=`` when SIZE is advertised,
+        ``BODY=8BITMIME`` when the message has 8-bit bytes and 8BITMIME is advertised,
+        and ``SMTPUTF8`` when an address is not ASCII (``SMTPNotSupported`` if the
+        server lacks it).
+
+        :raises ValueError: an address that cannot be put on a command line
+        :raises SMTPSenderRefused: MAIL refused
+        :raises SMTPRecipientsRefused: every recipient refused
+        :raises SMTPDataError: DATA, the end of data or BDAT refused
+        :raises SMTPServerDisconnected: the connection was or got lost
+        :raises SMTPReadTimeoutError: a reply did not come in time
+        """
+        if isinstance(recipients, str):
+            recipients = [recipients]
+        recipients = list(recipients)
+        reply_timeout = self.timeout if timeout is None else timeout
+
+        await self._ehlo_or_helo_if_needed()
+
+        utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        if utf8 and not self.supports_extension("smtputf8"):
+            raise SMTPNotSupported(
+                "An address containing non-ASCII characters was provided, but "
+                "SMTPUTF8 is not supported by this server"
+            )
+        options: list[str] = []
+        if not message.isascii() and self.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if utf8:
+            options.append("SMTPUTF8")
+
+        mode = self.transact_mode(esmtp_mode)
+        if mode == "sequential" or not recipients:
+            # aiosmtplib's own path (and its answer to an empty recipient list).
+            errors, text = await self.sendmail(
+                sender, recipients, message, mail_options=options, timeout=reply_timeout
+            )
+            return TransactResult(
+                recipient_errors=errors,
+                response=SMTPResponse(SMTPStatus.completed.value, text),
+                mode="sequential",
+                round_trips=len(recipients) + 3,
+            )
+
+        encoding = "utf-8" if utf8 else "ascii"
+        mail_args = [b"MAIL", b"FROM:" + quote_address(sender).encode(encoding)]
+        rcpt_lines = [
+            _command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients
+        ]
+        body = normalize_message_line_endings(message)
+        if self.supports_extension("size"):
+            mail_args.append(f"SIZE={len(body)}".encode("ascii"))
+        mail_args.extend(option.encode("ascii") for option in options)
+        mail_line = _command(*mail_args)
+
+        if self._sendmail_lock is None:
+            self._sendmail_lock = asyncio.Lock()
+        async with self._sendmail_lock:
+            try:
+                return await self._pipelined(
+                    mode, sender, recipients, mail_line, rcpt_lines, body, reply_timeout
+                )
+            except (SMTPResponseException, SMTPRecipientsRefused):
+                if self.is_connected:
+                    # Reset the envelope for the next attempt, like aiosmtplib; a
+                    # failure here would only hide the real error.
+                    with contextlib.suppress(
+                        ConnectionError, SMTPResponseException, SMTPTimeoutError
+                    ):
+                        await self.rset(timeout=reply_timeout)
+                raise
+
+    async def _pipelined(
+        self,
+        mode: TransactMode,
+        sender: str,
+        recipients: list[str],
+        mail_line: bytes,
+        rcpt_lines: list[bytes],
+        body: bytes,
+        reply_timeout: float | None,
+    ) -> TransactResult:
+        protocol = self.protocol
+        if not isinstance(protocol, PipelineProtocol) or protocol._command_lock is None:
+            raise SMTPServerDisconnected("Server not connected")
+
+        chunking = mode == "chunking"
+        if chunking:
+            last = _command(b"BDAT", str(len(body)).encode("ascii"), b"LAST") + body
+        else:
+            last = b"DATA\r\n"
+
+        async with protocol._command_lock:
+            try:
+                protocol.send_group(
+                    mail_line + b"".join(rcpt_lines) + last, replies=len(recipients) + 2
+                )
+                round_trips = 1
+
+                mail_reply = await protocol.read_response(reply_timeout)
+                if mail_reply.code != SMTPStatus.completed:
+                    refused = SMTPSenderRefused(mail_reply.code, mail_reply.message, sender)
+                    await self._abandon(protocol, chunking, mail_reply, reply_timeout)
+                    raise refused
+
+                refusals: list[SMTPRecipientRefused] = []
+                for recipient in recipients:
+                    reply = await protocol.read_response(reply_timeout)
+                    if reply.code not in _ACCEPTED_RCPT:
+                        refusals.append(SMTPRecipientRefused(reply.code, reply.message, recipient))
+                        if reply.code == SMTPStatus.domain_unavailable:
+                            # aiosmtplib closes on 421, and its next command then
+                            # fails with SMTPServerDisconnected.
+                            self.close()
+                            raise SMTPServerDisconnected(
+                                f"Server closed the connection: {reply}"
+                            ) from refusals[-1]
+                if len(refusals) == len(recipients):
+                    all_refused = SMTPRecipientsRefused(refusals)
+                    await self._abandon(protocol, chunking, refusals[-1], reply_timeout)
+                    raise all_refused
+                errors = {r.recipient: SMTPResponse(r.code, r.message) for r in refusals}
+
+                reply = await protocol.read_response(reply_timeout)
+                if not chunking:
+                    if reply.code != SMTPStatus.start_input:
+                        raise SMTPDataError(reply.code, reply.message)
+                    protocol.send_group(PERIOD_REGEX.sub(b"..", body) + b".\r\n", replies=1)
+                    round_trips += 1
+                    reply = await protocol.read_response(reply_timeout)
+                if reply.code != SMTPStatus.completed:
+                    raise SMTPDataError(reply.code, reply.message)
+                return TransactResult(
+                    recipient_errors=errors, response=reply, mode=mode, round_trips=round_trips
+                )
+            except (SMTPServerDisconnected, SMTPTimeoutError):
+                self.close()
+                raise
+            finally:
+                # Replies still owed (timeout, disconnect, malformed reply, a
+                # cancelled task) would answer the next command: close instead.
+                if protocol.replies_owed:
+                    self.close()
+
+    async def _abandon(
+        self,
+        protocol: PipelineProtocol,
+        chunking: bool,
+        refusal: SMTPResponse | SMTPResponseException,
+        reply_timeout: float | None,
+    ) -> None:
+        """Read and discard the replies still owed after a refusal.
+
+        A 421 refusal closes the connection instead (the server is going away; aiosmtplib
+        closes on 421 too). Any failure to read closes it as well: the caller raises the
+        refusal either way, as aiosmtplib would have stopped at it.
+        """
+        code = refusal.code
+        if code == SMTPStatus.domain_unavailable:
+            self.close()
+            return
+        try:
+            while protocol.replies_owed > 1:
+                await protocol.read_response(reply_timeout)
+            reply = await protocol.read_response(reply_timeout)  # to DATA or BDAT
+            if not chunking and reply.code == SMTPStatus.start_input:
+                # A server that said 354 anyway gets an empty message, which it must
+                # refuse for want of a valid envelope.
+                protocol.send_group(b".\r\n", replies=1)
+                await protocol.read_response(reply_timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException):
+            self.close()
