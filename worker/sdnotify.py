@@ -76,12 +76,12 @@ def notify(*lines: str) -> bool:
     if address is None:
         logger.debug("sd_notify: unsupported NOTIFY_SOCKET %r", raw)
         return False
-    payload = "\n".join(lines).encode()
+    payload = "\n".join(lines).encode("utf-8", "replace")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.settimeout(_SEND_TIMEOUT_S)
             sock.sendto(payload, address)
-    except OSError as exc:  # includes socket timeouts
+    except (OSError, ValueError) as exc:  # OSError includes timeouts; ValueError: NUL in path
         logger.debug("sd_notify: cannot send %r to %s: %s", payload, raw, exc)
         return False
     return True
@@ -125,6 +125,8 @@ class ProgressMonitor:
     A loop calls :meth:`register` once, then :meth:`beat` whenever it makes progress or is
     idle but alive (a fetch loop whose blocking wait just timed out on an empty queue).
     A loop that ends on purpose calls :meth:`unregister` so it does not count as stalled.
+    Every wait inside a loop (a blocking fetch, an SMTP command) must therefore end, by its
+    own timeout, well within the watchdog interval (``WatchdogSec=30`` in the unit).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
