@@ -231,7 +231,7 @@ async def _redis_durability(q: Queue) -> list[str]:
     try:
         cfg: dict[str, Any] = {}
         for key in ("appendonly", "save", "maxmemory-policy", "maxmemory"):
-            cfg.update(await q.redis.config_get(key))
+            cfg.update(dict(await q.redis.config_get(key)))  # type: ignore[arg-type]
     except RedisError:
         return ["cannot read CONFIG (managed Redis?): make sure it persists (AOF) and never evicts"]
     val: dict[str, str] = {

@@ -14,9 +14,10 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from producer.client import AsyncNotifier
 
@@ -25,6 +26,8 @@ from .service import Outcome, Worker
 from .settings import Settings
 
 __all__ = ["demo"]
+
+DEMO_CODE = "demo-auth-code16"
 
 SAMPLES: list[dict[str, Any]] = [
     {"subject": "止损触发 600519", "strategy": "ma_cross", "kind": "order", "severity": "warning",
@@ -69,7 +72,7 @@ def demo(*, events: int = 20) -> int:
     with tempfile.TemporaryDirectory(prefix="notifier-demo-") as tmp:
         redis_srv = RedisServer(dir=Path(tmp))
         redis_srv.start()
-        smtp = SMTPTestServer(auth={"demo@example.com": "demo-auth-code-16"}, pipelining=True)
+        smtp = SMTPTestServer(auth={"demo@example.com": DEMO_CODE}, pipelining=True)
         smtp.start()
         try:
             print(f"redis-server on {redis_srv.url} (throwaway), SMTP sink on "
@@ -84,7 +87,7 @@ async def _run(redis_url: str, smtp: Any, events: int) -> int:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         redis_url=redis_url, key_prefix="notifier", smtp_host="127.0.0.1", smtp_port=smtp.port,
-        smtp_tls="none", smtp_username="demo@example.com", smtp_password="demo-auth-code-16",
+        smtp_tls="none", smtp_username="demo@example.com", smtp_password=SecretStr(DEMO_CODE),
         mail_from="量化提醒 <demo@example.com>", mail_to=["trader@example.com"],
         allowed_recipients=["risk@example.com"], concurrency=4, metrics_port=0,
         worker_id="demo",

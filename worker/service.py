@@ -66,6 +66,8 @@ def _text(raw: bytes) -> str:
 
 
 class Worker:
+    READY_WAIT_S = 30.0
+
     def __init__(
         self,
         settings: Settings,
@@ -132,21 +134,44 @@ class Worker:
         for wid, n in moved.items():
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
         self._metrics_server = self.metrics.serve(s.metrics_host, s.metrics_port)
-        errors = await self.mailer.warm_up()
-        config = [e for e in errors if isinstance(e, ConfigurationError)]
-        if config:
-            self.mailer.pause(config[0])
-            self.metrics.paused.set(1)
-            self.systemd.ready(f"PAUSED: SMTP configuration error: {config[0]}")
-        else:
-            for e in errors:
-                logger.warning("SMTP warm-up: %s (will reconnect on demand)", e)
-            self.systemd.ready(self._status())
+        await self._first_login()
         self.metrics.connections.set(self.mailer.open_connections)
         logger.info(
             "worker %s started: %s:%s (%s), %d lane(s), queue %s",
             s.worker_id, s.smtp_host, s.smtp_port, s.smtp_tls, s.concurrency, self.keys.queue,
         )  # fmt: skip
+
+    async def _first_login(self) -> None:
+        """READY=1 once at least one SMTP login works, or once paused on a configuration
+        error; an unreachable server is retried for up to READY_WAIT_S, then READY anyway
+        (degraded: events wait in the queue) so that systemd does not kill a healthy worker."""
+        deadline = time.monotonic() + self.READY_WAIT_S
+        delay = 0.5
+        while True:
+            errors = await self.mailer.warm_up()
+            config = [e for e in errors if isinstance(e, ConfigurationError)]
+            if config:
+                self.mailer.pause(config[0])
+                self.metrics.paused.set(1)
+                reason = str(config[0])
+                await self._redis(partial(self.queue.set_paused, reason), "pause")
+                self.systemd.ready(f"PAUSED: SMTP configuration error: {reason}")
+                return
+            if self.mailer.open_connections or self._stop.is_set():
+                for e in errors:
+                    logger.warning("SMTP warm-up: %s (reconnecting on demand)", e)
+                self.systemd.ready(self._status())
+                return
+            if time.monotonic() >= deadline:
+                logger.error("SMTP unreachable at start-up (%s); running degraded", errors[0])
+                self.systemd.ready(f"DEGRADED: SMTP unreachable: {errors[0]}")
+                return
+            logger.warning(
+                "SMTP unreachable at start-up (%s); retrying in %.1f s", errors[0], delay
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            delay = min(delay * 2, 5.0)
 
     async def _serve(self) -> None:
         for name in ("fetch", "scheduler", "keeper", "lanes"):
@@ -211,10 +236,15 @@ class Worker:
         logger.info("worker %s stopped", self.settings.worker_id)
 
     # ================================================================== Redis outages
-    async def _redis(self, op: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a Redis operation, waiting out an outage with back-off (logged once)."""
+    async def _redis(self, op: Callable[[], Awaitable[T]], what: str, loop: str | None = None) -> T:
+        """Run a Redis operation, waiting out an outage with back-off (logged once).
+
+        ``loop`` names the calling loop: it is alive while it waits (the watchdog must not
+        restart a worker that is only waiting for Redis to come back)."""
         delay = 0.2
         while True:
+            if loop is not None:
+                self.monitor.beat(loop)
             try:
                 result = await op()
             except REDIS_ERRORS as exc:
@@ -247,13 +277,15 @@ class Worker:
                 await self._free.acquire()
                 taken += 1
             try:
-                items = await self._redis(partial(self.queue.fetch_ready, taken), "fetch")
+                items = await self._redis(partial(self.queue.fetch_ready, taken), "fetch", "fetch")
                 if not items:
                     if self._burst and await self._burst_done():
                         self.stop()
                         return
                     one = await self._redis(
-                        lambda: self.queue.fetch_blocking(self._blocking_redis, 1.0), "fetch"
+                        lambda: self.queue.fetch_blocking(self._blocking_redis, 1.0),
+                        "fetch",
+                        "fetch",
                     )
                     items = [one] if one is not None else []
             except BaseException:
@@ -501,11 +533,11 @@ class Worker:
     async def _scheduler_loop(self) -> None:
         while True:
             self.monitor.beat("scheduler")
-            moved = await self._redis(self.queue.schedule, "schedule")
+            moved = await self._redis(self.queue.schedule, "schedule", "scheduler")
             if moved:
                 logger.debug("scheduler: %d retry(ies) due, back in the queue", moved)
                 continue
-            nxt = await self._redis(self.queue.next_due, "schedule")
+            nxt = await self._redis(self.queue.next_due, "schedule", "scheduler")
             wait = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.time()))
             self._retry_added.clear()
             with contextlib.suppress(TimeoutError):
@@ -517,7 +549,7 @@ class Worker:
             self.monitor.beat("keeper")
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
-            await self._redis(lambda: self.queue.heartbeat(self._info()), "heartbeat")
+            await self._redis(lambda: self.queue.heartbeat(self._info()), "heartbeat", "keeper")
             moved = await self._redis(self.queue.recover, "recover")
             for wid, n in moved.items():
                 logger.warning("worker %s stopped heartbeating: returned its %d event(s)", wid, n)

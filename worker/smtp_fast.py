@@ -127,6 +127,11 @@ class PipelineProtocol(SMTPProtocol):
         """Replies owed for the commands written that have not been read yet."""
         return self._owed
 
+    @property
+    def command_lock(self) -> asyncio.Lock | None:
+        """The lock aiosmtplib holds around each command; None once disconnected."""
+        return self._command_lock
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         # The base class's single-reply future is not used here.
@@ -414,6 +419,18 @@ class FastSMTP(aiosmtplib.SMTP):
         if utf8:
             options.append("SMTPUTF8")
 
+        # Built (and so checked) before anything is sent, whatever the mode.
+        encoding = "utf-8" if utf8 else "ascii"
+        mail_args = [b"MAIL", b"FROM:" + quote_address(sender).encode(encoding)]
+        rcpt_lines = [
+            _command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients
+        ]
+        body = normalize_message_line_endings(message)
+        if self.supports_extension("size"):
+            mail_args.append(f"SIZE={len(body)}".encode("ascii"))
+        mail_args.extend(option.encode("ascii") for option in options)
+        mail_line = _command(*mail_args)
+
         mode = self.transact_mode(esmtp_mode)
         if mode == "sequential" or not recipients:
             # aiosmtplib's own path (and its answer to an empty recipient list).
@@ -426,17 +443,6 @@ class FastSMTP(aiosmtplib.SMTP):
                 mode="sequential",
                 round_trips=len(recipients) + 3,
             )
-
-        encoding = "utf-8" if utf8 else "ascii"
-        mail_args = [b"MAIL", b"FROM:" + quote_address(sender).encode(encoding)]
-        rcpt_lines = [
-            _command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients
-        ]
-        body = normalize_message_line_endings(message)
-        if self.supports_extension("size"):
-            mail_args.append(f"SIZE={len(body)}".encode("ascii"))
-        mail_args.extend(option.encode("ascii") for option in options)
-        mail_line = _command(*mail_args)
 
         if self._sendmail_lock is None:
             self._sendmail_lock = asyncio.Lock()
@@ -466,7 +472,7 @@ class FastSMTP(aiosmtplib.SMTP):
         reply_timeout: float | None,
     ) -> TransactResult:
         protocol = self.protocol
-        if not isinstance(protocol, PipelineProtocol) or protocol._command_lock is None:
+        if not isinstance(protocol, PipelineProtocol) or protocol.command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
 
         chunking = mode == "chunking"
@@ -475,39 +481,47 @@ class FastSMTP(aiosmtplib.SMTP):
         else:
             last = b"DATA\r\n"
 
-        async with protocol._command_lock:
+        async with protocol.command_lock:
             try:
                 protocol.send_group(
                     mail_line + b"".join(rcpt_lines) + last, replies=len(recipients) + 2
                 )
                 round_trips = 1
 
-                mail_reply = await protocol.read_response(reply_timeout)
-                if mail_reply.code != SMTPStatus.completed:
-                    refused = SMTPSenderRefused(mail_reply.code, mail_reply.message, sender)
-                    await self._abandon(protocol, chunking, mail_reply, reply_timeout)
+                reply = await protocol.read_response(reply_timeout)
+                if reply.code != SMTPStatus.completed:
+                    refused = SMTPSenderRefused(reply.code, reply.message, sender)
+                    await self._abandon(protocol, chunking, reply.code, reply_timeout)
                     raise refused
 
                 refusals: list[SMTPRecipientRefused] = []
+                closing: SMTPRecipientRefused | None = None  # a RCPT answered 421
                 for recipient in recipients:
-                    reply = await protocol.read_response(reply_timeout)
-                    if reply.code not in _ACCEPTED_RCPT:
-                        refusals.append(SMTPRecipientRefused(reply.code, reply.message, recipient))
-                        if reply.code == SMTPStatus.domain_unavailable:
-                            # aiosmtplib closes on 421, and its next command then
-                            # fails with SMTPServerDisconnected.
-                            self.close()
-                            raise SMTPServerDisconnected(
-                                f"Server closed the connection: {reply}"
-                            ) from refusals[-1]
-                if len(refusals) == len(recipients):
+                    reply = await self._read_reply(protocol, closing, reply_timeout)
+                    if reply.code in _ACCEPTED_RCPT:
+                        continue
+                    refusals.append(SMTPRecipientRefused(reply.code, reply.message, recipient))
+                    if reply.code == SMTPStatus.domain_unavailable and closing is None:
+                        closing = refusals[-1]
+                        if not chunking:
+                            # aiosmtplib closes on 421 and its next command then
+                            # fails: SMTPServerDisconnected, the message unsent.
+                            raise self._server_closing(closing)
+                if len(refusals) == len(recipients) and closing is None:
                     all_refused = SMTPRecipientsRefused(refusals)
-                    await self._abandon(protocol, chunking, refusals[-1], reply_timeout)
+                    await self._abandon(protocol, chunking, refusals[-1].code, reply_timeout)
                     raise all_refused
                 errors = {r.recipient: SMTPResponse(r.code, r.message) for r in refusals}
 
-                reply = await protocol.read_response(reply_timeout)
-                if not chunking:
+                reply = await self._read_reply(protocol, closing, reply_timeout)
+                if closing is not None:
+                    # The message went out with BDAT before the 421 came back: the
+                    # reply to BDAT says whether the server took it for the others.
+                    # Reporting a failure after a 250 would send it twice.
+                    if reply.code != SMTPStatus.completed or len(refusals) == len(recipients):
+                        raise self._server_closing(closing)
+                    self.close()
+                elif not chunking:
                     if reply.code != SMTPStatus.start_input:
                         raise SMTPDataError(reply.code, reply.message)
                     protocol.send_group(PERIOD_REGEX.sub(b"..", body) + b".\r\n", replies=1)
@@ -527,11 +541,33 @@ class FastSMTP(aiosmtplib.SMTP):
                 if protocol.replies_owed:
                     self.close()
 
+    async def _read_reply(
+        self,
+        protocol: PipelineProtocol,
+        closing: SMTPRecipientRefused | None,
+        reply_timeout: float | None,
+    ) -> SMTPResponse:
+        """The next reply; once the server said 421, failing to get one is that 421."""
+        try:
+            return await protocol.read_response(reply_timeout)
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException) as exc:
+            if closing is None:
+                raise
+            raise self._server_closing(closing) from exc
+
+    def _server_closing(self, refusal: SMTPRecipientRefused) -> SMTPServerDisconnected:
+        self.close()
+        exc = SMTPServerDisconnected(
+            f"Server closed the connection: {refusal.code} {refusal.message}"
+        )
+        exc.__cause__ = refusal
+        return exc
+
     async def _abandon(
         self,
         protocol: PipelineProtocol,
         chunking: bool,
-        refusal: SMTPResponse | SMTPResponseException,
+        refusal_code: int,
         reply_timeout: float | None,
     ) -> None:
         """Read and discard the replies still owed after a refusal.
@@ -540,8 +576,7 @@ class FastSMTP(aiosmtplib.SMTP):
         closes on 421 too). Any failure to read closes it as well: the caller raises the
         refusal either way, as aiosmtplib would have stopped at it.
         """
-        code = refusal.code
-        if code == SMTPStatus.domain_unavailable:
+        if refusal_code == SMTPStatus.domain_unavailable:
             self.close()
             return
         try:
