@@ -22,7 +22,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .event import Event, InvalidEvent, Severity, new_event_id
+from .event import (
+    MAX_EVENT_BYTES,
+    Event,
+    InvalidEvent,
+    Severity,
+    event_from_dict,
+    new_event_id,
+)
 from .keys import Keys
 
 __all__ = ["AsyncNotifier", "Notifier", "NotifierUnavailable"]
@@ -60,13 +67,19 @@ def _build_event(
         "to": list(to) if to is not None else None,
         **extra,
     }
-    event = Event.model_validate({k: v for k, v in fields.items() if v is not None})
-    size = len(event.to_json().encode())
-    from .event import MAX_EVENT_BYTES
+    return event_from_dict({k: v for k, v in fields.items() if v is not None})
 
+
+def _wire(event: Event) -> tuple[str, str]:
+    """The event's id (assigned if absent) and its JSON text, checked against the size limit."""
+    if event.id is None:
+        event = event.model_copy(update={"id": new_event_id()})
+    text = event.to_json()
+    size = len(text.encode())
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {size} bytes, the limit is {MAX_EVENT_BYTES} bytes")
-    return event
+    assert event.id is not None
+    return event.id, text
 
 
 def _signal_data(
@@ -126,14 +139,12 @@ class Notifier:
         return self.send_event(event)
 
     def send_event(self, event: Event, /) -> str:
-        if event.id is None:
-            event = event.model_copy(update={"id": new_event_id()})
+        event_id, text = _wire(event)
         try:
-            self._redis.lpush(self.keys.queue, event.to_json())
+            self._redis.lpush(self.keys.queue, text)
         except RedisError as exc:
             raise NotifierUnavailable(f"notifier queue unreachable: {exc}") from exc
-        assert event.id is not None
-        return event.id
+        return event_id
 
     def signal(
         self,
@@ -208,14 +219,12 @@ class AsyncNotifier:
         return await self.send_event(event)
 
     async def send_event(self, event: Event, /) -> str:
-        if event.id is None:
-            event = event.model_copy(update={"id": new_event_id()})
+        event_id, text = _wire(event)
         try:
-            await self._redis.lpush(self.keys.queue, event.to_json())
+            await self._redis.lpush(self.keys.queue, text)
         except (RedisError, OSError) as exc:
             raise NotifierUnavailable(f"notifier queue unreachable: {exc}") from exc
-        assert event.id is not None
-        return event.id
+        return event_id
 
     async def signal(
         self,

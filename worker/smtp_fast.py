@@ -29,9 +29,22 @@ exception types come out, so callers classify failures the same way whatever the
 
 After a refusal the replies still owed for the rest of the pipelined group are read and
 discarded (a 354 to a pipelined DATA is answered with an empty message, ``.``), then
-``RSET`` is sent and its failure ignored, like aiosmtplib. Whenever the client could
-lose track of which reply answers which command (timeout, disconnect, malformed reply,
+``RSET`` is sent and its failure ignored, like aiosmtplib (which lets a timeout of that
+RSET replace the real error; here it is ignored too). Whenever the client could lose
+track of which reply answers which command (timeout, disconnect, malformed reply,
 cancellation) the connection is closed instead of being reused.
+
+Where chunking cannot match aiosmtplib: the message leaves with the commands, before any
+reply. So after a RCPT 421 the reply to BDAT decides: 250 means the server took the
+message for the other recipients, and :meth:`FastSMTP.transact` returns the result (421
+in ``recipient_errors``) and closes the connection rather than raise and cause a second
+copy. As with DATA, a disconnect or timeout while waiting for the final reply leaves it
+unknown whether the server kept the message.
+
+Limits: the message is one ``BDAT ... LAST`` chunk, held in memory (fine for alerts);
+no BINARYMIME; an 8-bit message goes out as is to a server without 8BITMIME, as with
+aiosmtplib's ``sendmail``; SIZE is announced, not checked against the server's limit
+(the server refuses MAIL with 552). ``timeout`` is per reply, like aiosmtplib's.
 
 :class:`PipelineProtocol` is what makes this possible: aiosmtplib's protocol parses one
 reply per ``data_received`` and drops bytes that arrive while no read is pending, so

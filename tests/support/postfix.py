@@ -289,12 +289,23 @@ smtpd_client_connection_rate_limit = 0
 
     def delivered(self) -> list[bytes]:
         """The bytes of every message delivered to the Maildir so far, in no order."""
-        out = []
+        out: list[bytes] = []
         for sub in ("new", "cur"):
             folder = self.maildir / sub
             if folder.is_dir():
                 out.extend(path.read_bytes() for path in folder.iterdir())
         return out
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str | None:
+        """The first log line containing ``text`` within ``timeout`` seconds, or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def wait_for(self, marker: bytes, count: int, timeout: float = 15.0) -> list[bytes]:
         """Wait until ``count`` delivered messages contain ``marker``; return them.
