@@ -55,6 +55,7 @@ MAX_SUBJECT_CHARS = 256
 MAX_RECIPIENTS = 50
 MAX_ID_CHARS = 128
 MAX_DATA_FIELDS = 100
+MAX_WINDOW_S = 7 * 24 * 3600.0
 
 Severity = Literal["info", "warning", "critical"]
 Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
@@ -120,6 +121,10 @@ class Event(BaseModel):
     body: StrictStr | None = None
     data: dict[str, Scalar] | None = None
     to: Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_RECIPIENTS)] | None = None
+    # Optional since contract v1.1 (older events stay valid; older workers ignore them):
+    dedup_key: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    dedup_window_s: Annotated[float, Field(gt=0, le=MAX_WINDOW_S)] | None = None
+    expires_s: Annotated[float, Field(gt=0, le=MAX_WINDOW_S)] | None = None
     meta: Meta | None = Field(default=None, alias="_meta")
 
     @field_validator("v")
@@ -165,7 +170,14 @@ class Event(BaseModel):
             raise ValueError("must be a finite, positive unix time")
         return ts
 
-    @field_validator("strategy", "kind", "subject")
+    @field_validator("dedup_window_s", "expires_s", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (v is not None and not isinstance(v, int | float)):
+            raise ValueError("must be a number of seconds")
+        return v
+
+    @field_validator("strategy", "kind", "subject", "dedup_key")
     @classmethod
     def _line(cls, v: str | None) -> str | None:
         return None if v is None else _single_line(v, "this field")

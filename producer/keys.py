@@ -16,6 +16,10 @@ key                         type         holds
 ``<p>:deliveries``          list         capped record of recent outcomes for ``stats``
 ``<p>:counters``            hash         lifetime counters: delivered, retried, dead, ...
 ``<p>:paused``              string       set while SMTP sending is paused on a config error
+``<p>:rate:<account>``      sorted set   sends of an SMTP account in the last minute (limit)
+``<p>:held:<group>``        list         events held for one digest mail (rate limit reached)
+``<p>:digests``             sorted set   digest groups, scored by when they may be sent
+``<p>:suppress:<key>``      hash         repeat-suppression window of one ``dedup_key``
 ==========================  ===========  ======================================================
 """
 
@@ -62,6 +66,19 @@ class Keys:
     @property
     def paused(self) -> str:
         return self._k("paused")
+
+    @property
+    def digests(self) -> str:
+        return self._k("digests")
+
+    def rate(self, account: str) -> str:
+        return self._k("rate", account)
+
+    def held(self, group: str) -> str:
+        return self._k("held", group)
+
+    def suppress(self, dedup_key: str) -> str:
+        return self._k("suppress", dedup_key)
 
     def processing(self, worker_id: str) -> str:
         return self._k("processing", worker_id)

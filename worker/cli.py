@@ -174,6 +174,8 @@ async def _push(args: argparse.Namespace) -> str:
     async with AsyncNotifier(s.redis_url, key_prefix=s.key_prefix, timeout=2.0) as n:
         try:
             return await n.send_event(event)
+        except InvalidEvent as exc:  # e.g. over 64 KiB once encoded
+            raise CommandError(f"invalid event: {exc.reason}", 2) from None
         except NotifierUnavailable as exc:
             raise _redis_error(s, exc) from None
 

@@ -68,7 +68,7 @@ def demo(*, events: int = 20) -> int:
     from .devtools.redis_server import RedisServer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("worker.service").setLevel(logging.CRITICAL)  # the demo prints outcomes
+    logging.getLogger("worker.deliver").setLevel(logging.CRITICAL)  # the demo prints outcomes
     with tempfile.TemporaryDirectory(prefix="notifier-demo-") as tmp:
         redis_srv = RedisServer(dir=Path(tmp))
         redis_srv.start()

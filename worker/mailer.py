@@ -183,7 +183,11 @@ def message_bytes(message: EmailMessage) -> bytes:
 
 @dataclass(slots=True)
 class SendTiming:
-    """Where one delivery's time went (seconds); ``connect`` includes TLS and login."""
+    """Where one delivery's time went (seconds); ``connect`` includes TLS and login.
+
+    ``reconnected``: the lane's warm connection had to be reopened for this send (the
+    server closed it, or it was idle or used up); never counted as an attempt.
+    """
 
     connect: float = 0.0
     transaction: float = 0.0
@@ -290,6 +294,8 @@ class Connection:
         now = time.monotonic()
         fresh = False
         if self._stale(now):
+            # A connection this lane held is gone (closed by the server, idle, used up).
+            timing.reconnected = self._smtp is not None
             t0 = time.perf_counter()
             await self.open()
             timing.connect = time.perf_counter() - t0

@@ -5,10 +5,12 @@ Names (also used by deploy/prometheus/alerts.yml and the Grafana dashboard):
 * histograms: ``notifier_delivery_latency_seconds`` (event ``ts``, else first seen -> 250),
   ``notifier_queue_wait_seconds`` (-> fetched), ``notifier_smtp_seconds`` (the transaction)
 * counters: ``notifier_delivered_total``, ``notifier_delivered_within_target_total``,
-  ``notifier_retried_total{reason}``, ``notifier_dead_total{reason}``
+  ``notifier_retried_total{reason}``, ``notifier_dead_total{reason}``,
+  ``notifier_suppressed_total``, ``notifier_digests_total``
 * gauges: ``notifier_queue_depth``, ``notifier_retry_depth``, ``notifier_dead_depth``,
   ``notifier_processing_depth``, ``notifier_inflight_sends``, ``notifier_smtp_connections``,
-  ``notifier_smtp_paused``, ``notifier_latency_target_seconds``
+  ``notifier_smtp_paused``, ``notifier_latency_target_seconds``, ``notifier_held_depth``,
+  ``notifier_smtp_account_available{account}``
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ class Metrics:
             self.retried.labels(reason)
         for reason in DEAD_REASONS:
             self.dead.labels(reason)
+        self.suppressed = Counter(
+            "notifier_suppressed", "Repeats suppressed by dedup_key windows", registry=r
+        )
+        self.digests = Counter(
+            "notifier_digests", "Digest mails sent (rate limit reached)", registry=r
+        )
+        self.held_depth = Gauge("notifier_held_depth", "Events held for a digest", registry=r)
+        self.account_up = Gauge(
+            "notifier_smtp_account_available", "1 while an SMTP account is usable",
+            ["account"], registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge("notifier_queue_depth", "Events waiting in the queue", registry=r)
         self.retry_depth = Gauge("notifier_retry_depth", "Events waiting for a retry", registry=r)
         self.dead_depth = Gauge("notifier_dead_depth", "Dead letters", registry=r)

@@ -79,6 +79,73 @@ return 0
 """
 
 
+# Sliding-window rate limit of one SMTP account (shared by every worker): at most ARGV[3]
+# sends in any ARGV[2] seconds. Returns '0' and records the send when allowed (or when
+# ARGV[5] == '1': critical events are never held), else the seconds until a slot frees.
+RATE = """
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n < limit or ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+  return '0'
+end
+local first = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
+return tostring(math.max(0.001, tonumber(first[2]) + window - now))
+"""
+
+# Repeat suppression for one dedup key. The first event opens a window and is sent (with the
+# count and start of the previous window, for "repeated N× in ..."); later events in the
+# window are counted and suppressed; a retry of the window's own event is never suppressed.
+SUPPRESS = """
+local now = tonumber(ARGV[1])
+local untl = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if now < untl then
+  if redis.call('HGET', KEYS[1], 'owner') == ARGV[3] then return {'send', '0', '0'} end
+  local c = redis.call('HINCRBY', KEYS[1], 'count', 1)
+  return {'suppressed', tostring(c), redis.call('HGET', KEYS[1], 'since')}
+end
+local prev = redis.call('HGET', KEYS[1], 'count') or '0'
+local since = redis.call('HGET', KEYS[1], 'since') or '0'
+redis.call('HSET', KEYS[1], 'until', tostring(now + tonumber(ARGV[2])), 'count', '0',
+           'since', ARGV[1], 'owner', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 86400000)
+return {'send', prev, since}
+"""
+
+# Hold events for a digest: processing -> held:<group> (all of ARGV[3..]), and make sure the
+# group is scheduled (the earliest due time wins). ARGV[1] = group, ARGV[2] = due.
+HOLD = """
+local moved = 0
+for i = 3, #ARGV do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    moved = moved + 1
+  end
+end
+local cur = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not cur or tonumber(cur) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+end
+return moved
+"""
+
+# Take one due digest group: held:<group> -> processing (oldest first in the reply).
+TAKE_DIGEST = """
+local groups = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #groups == 0 then return {} end
+local g = groups[1]
+redis.call('ZREM', KEYS[1], g)
+local held = ARGV[2] .. ':held:' .. g
+local items = redis.call('LRANGE', held, 0, -1)
+redis.call('DEL', held)
+for _, v in ipairs(items) do redis.call('LPUSH', KEYS[2], v) end
+table.insert(items, 1, g)
+return items
+"""
+
+
 def _v(value: object) -> Any:
     """redis-py's stubs say str where bytes are fine (and needed: events are raw bytes)."""
     return value
@@ -104,6 +171,7 @@ class Depths:
     retry: int
     dead: int
     processing: int
+    held: int = 0  # events held for a digest
 
 
 class Queue:
@@ -130,6 +198,10 @@ class Queue:
         self._schedule = redis.register_script(SCHEDULE)
         self._recover = redis.register_script(RECOVER)
         self._replay = redis.register_script(REPLAY)
+        self._rate = redis.register_script(RATE)
+        self._suppress = redis.register_script(SUPPRESS)
+        self._hold = redis.register_script(HOLD)
+        self._take_digest = redis.register_script(TAKE_DIGEST)
 
     # ------------------------------------------------------------------ worker liveness
     async def heartbeat(self, info: dict[str, Any]) -> None:
@@ -254,6 +326,77 @@ class Queue:
         res = await self.redis.zrange(self.keys.retry, 0, 0, withscores=True)
         return float(res[0][1]) if res else None
 
+    # ------------------------------------------------------------------ trading fit
+    async def rate_acquire(
+        self, account: str, per_minute: int, *, force: bool = False, now: float | None = None
+    ) -> float:
+        """Take a send slot of ``account``: 0.0 when allowed, else seconds until one frees."""
+        now = time.time() if now is None else now
+        member = f"{now:.6f}:{self.worker_id}:{time.perf_counter_ns()}"
+        res = await self._rate(
+            keys=[self.keys.rate(account)],
+            args=[now, 60, per_minute, member, "1" if force else "0"],
+        )
+        return float(_s(cast(bytes, res)))
+
+    async def suppress(
+        self, dedup_key: str, window_s: float, event_id: str, *, now: float | None = None
+    ) -> tuple[bool, int, float]:
+        """(suppressed?, count, since): when not suppressed, count/since describe the
+        previous window's suppressed repeats (0 when none)."""
+        now = time.time() if now is None else now
+        res = cast(
+            list[bytes],
+            await self._suppress(
+                keys=[self.keys.suppress(dedup_key)], args=[now, window_s, event_id]
+            ),
+        )
+        return _s(res[0]) == "suppressed", int(_s(res[1])), float(_s(res[2]))
+
+    async def suppressed(self, raw: bytes, record: dict[str, Any]) -> None:
+        """A repeat inside its suppression window: drop it from processing, count it."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.processing, 1, _v(raw))
+        self._record(pipe, record, "suppressed")
+        await pipe.execute()
+
+    async def hold(self, group: str, raws: Sequence[bytes], due: float) -> int:
+        """Hold events for a digest of ``group`` due at ``due`` (processing -> held)."""
+        res = await self._hold(
+            keys=[self.processing, self.keys.held(group), self.keys.digests],
+            args=[group, due, *raws],
+        )
+        return int(cast(int, res))
+
+    async def take_digest(self, now: float | None = None) -> tuple[str, list[bytes]] | None:
+        """One due digest group's events, moved into this worker's processing list."""
+        res = cast(
+            list[bytes],
+            await self._take_digest(
+                keys=[self.keys.digests, self.processing],
+                args=[time.time() if now is None else now, self.keys.prefix],
+            ),
+        )
+        if not res:
+            return None
+        return _s(res[0]), list(res[1:])
+
+    async def next_digest_due(self) -> float | None:
+        res = await self.redis.zrange(self.keys.digests, 0, 0, withscores=True)
+        return float(res[0][1]) if res else None
+
+    async def ack_digest(
+        self, raws: Sequence[bytes], ids: Sequence[str], record: dict[str, Any]
+    ) -> None:
+        """A digest was accepted: every event in it is delivered (one round trip)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for raw, event_id in zip(raws, ids, strict=True):
+            pipe.lrem(self.processing, 1, _v(raw))
+            pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+        self._record(pipe, record, "delivered")
+        pipe.hincrby(self.keys.counters, "digested", len(raws))
+        await pipe.execute()
+
     # ------------------------------------------------------------------ pause flag
     async def set_paused(self, reason: str | None, ttl_s: float = 600.0) -> None:
         if reason is None:
@@ -265,14 +408,18 @@ class Queue:
     # ------------------------------------------------------------------ inspection
     async def depths(self) -> Depths:
         workers = [_s(w) for w in await self.redis.smembers(self.keys.workers)]
+        groups = [_s(cast(bytes, g)) for g in await self.redis.zrange(self.keys.digests, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(self.keys.queue)
         pipe.zcard(self.keys.retry)
         pipe.llen(self.keys.dead)
         for w in workers:
             pipe.llen(self.keys.processing(w))
-        res = await pipe.execute()
-        return Depths(int(res[0]), int(res[1]), int(res[2]), sum(int(x) for x in res[3:]))
+        for g in groups:
+            pipe.llen(self.keys.held(g))
+        res = [int(x) for x in await pipe.execute()]
+        n = 3 + len(workers)
+        return Depths(res[0], res[1], res[2], sum(res[3:n]), sum(res[n:]))
 
     async def counters(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.counters)

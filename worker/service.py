@@ -3,9 +3,10 @@
 Tasks of one worker process::
 
     fetch      queue -> processing (Lua batch when deep, BLMOVE when empty) -> lanes
-    lane x N   parse -> compose -> send on the lane's warm connection -> settle in Redis
-    scheduler  due retries -> front of the queue
-    keeper     heartbeat, recovery of dead workers' events, gauges, systemd STATUS/WATCHDOG
+    lane x N   one event or digest at a time (worker.deliver) on the lane's warm connection
+    scheduler  due retries -> front of the queue; due digests -> a lane
+    keeper     heartbeat, recovery of dead workers' events, gauges, idle connections
+    watchdog   systemd STATUS= and WATCHDOG=1 while the loops above make progress
 
 Stop (SIGTERM/SIGINT, or :meth:`Worker.stop`): stop fetching, let in-flight sends finish
 within ``SHUTDOWN_GRACE_S``, cancel what is left, return everything unsent to the queue.
@@ -16,24 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from producer.event import Event, InvalidEvent, new_event_id, parse_event
 from producer.keys import Keys
 
+from .accounts import Account
 from .compose import Composer
-from .errors import ConfigurationError, PermanentError, SendError, ThrottledError
-from .mailer import Mailer, classify, message_bytes
+from .deliver import Deliverer, Outcome
+from .errors import ConfigurationError, SendError
 from .metrics import Metrics
 from .queue import Queue, connect
-from .retry import backoff
 from .sdnotify import ProgressMonitor, SystemdNotifier
 from .settings import Settings
 
@@ -42,27 +43,18 @@ __all__ = ["Outcome", "Worker", "run"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-MAX_DEAD_TEXT = 1024 * 1024  # keep at most this much of a rejected event's text
 
 
 @dataclass(slots=True)
-class Outcome:
-    """What happened to one event (passed to ``on_outcome`` hooks, e.g. the demo)."""
-
-    status: str  # sent | retry | dead | duplicate | requeued
-    event_id: str
-    subject: str = ""
-    recipients: list[str] = field(default_factory=list)
-    latency: float = 0.0
-    queue_wait: float = 0.0
-    smtp: float = 0.0
-    reason: str = ""
-    error: str = ""
-    attempts: int = 0
+class _EventJob:
+    raw: bytes
+    fetched_at: float
 
 
-def _text(raw: bytes) -> str:
-    return raw[:MAX_DEAD_TEXT].decode("utf-8", "backslashreplace")
+@dataclass(slots=True)
+class _DigestJob:
+    group: str
+    raws: list[bytes]
 
 
 class Worker:
@@ -83,17 +75,22 @@ class Worker:
             sent_ttl_s=settings.sent_ttl_s, deliveries_kept=settings.deliveries_kept,
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )  # fmt: skip
-        self.mailer = Mailer(settings)
+        self.accounts = [Account(a, i) for i, a in enumerate(settings.accounts())]
+        self.mailer = self.accounts[0].mailer  # the primary account's lanes
         assert settings.mail_from is not None
-        self.composer = Composer(mail_from=settings.mail_from, template_dir=settings.template_dir)
+        self.composer = Composer(
+            mail_from=settings.mail_from, template_dir=settings.template_dir,
+            thread_by_day=settings.thread_by_day,
+        )  # fmt: skip
         self.metrics = Metrics(settings.latency_target_s)
+        self.deliverer = Deliverer(
+            settings, self.queue, self.accounts, self.composer, self.metrics, self._redis,
+            on_outcome=on_outcome, on_retry=self._wake_scheduler,
+        )  # fmt: skip
         self.monitor = ProgressMonitor()
         self.systemd = SystemdNotifier()
-        self.on_outcome = on_outcome
-        self.allowed = settings.allowed
         self.started_at = time.time()
-        self.counts: dict[str, int] = {}
-        self._work: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
+        self._work: asyncio.Queue[_EventJob | _DigestJob | None] = asyncio.Queue()
         self._free = asyncio.Semaphore(settings.concurrency)
         self._inflight = 0
         self._stop = asyncio.Event()
@@ -101,6 +98,26 @@ class Worker:
         self._burst = False
         self._redis_down_since: float | None = None
         self._metrics_server: Any = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.deliverer.counts
+
+    @property
+    def on_outcome(self) -> Callable[[Outcome], None] | None:
+        return self.deliverer.on_outcome
+
+    @on_outcome.setter
+    def on_outcome(self, hook: Callable[[Outcome], None] | None) -> None:
+        self.deliverer.on_outcome = hook
+
+    def _wake_scheduler(self) -> None:
+        self._retry_added.set()
+
+    @property
+    def paused(self) -> bool:
+        """Every account is paused on a configuration error: nothing can be sent."""
+        return all(a.paused for a in self.accounts)
 
     # ================================================================== lifecycle
     def stop(self) -> None:
@@ -135,35 +152,40 @@ class Worker:
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
         self._metrics_server = self.metrics.serve(s.metrics_host, s.metrics_port)
         await self._first_login()
-        self.metrics.connections.set(self.mailer.open_connections)
+        self.metrics.connections.set(self._open_connections())
         logger.info(
-            "worker %s started: %s:%s (%s), %d lane(s), queue %s",
+            "worker %s started: %s:%s (%s), %d lane(s), queue %s%s",
             s.worker_id, s.smtp_host, s.smtp_port, s.smtp_tls, s.concurrency, self.keys.queue,
+            f", failover {', '.join(a.name for a in self.accounts[1:])}"
+            if len(self.accounts) > 1 else "",
         )  # fmt: skip
 
     async def _first_login(self) -> None:
-        """READY=1 once at least one SMTP login works, or once paused on a configuration
+        """READY=1 once the primary account logs in, or once it is paused on a configuration
         error; an unreachable server is retried for up to READY_WAIT_S, then READY anyway
-        (degraded: events wait in the queue) so that systemd does not kill a healthy worker."""
+        (degraded: events wait in the queue) so that systemd does not kill a healthy worker.
+        Failover accounts connect on demand."""
+        primary = self.accounts[0]
         deadline = time.monotonic() + self.READY_WAIT_S
         delay = 0.5
         while True:
-            errors = await self.mailer.warm_up()
+            errors = await primary.mailer.warm_up()
             config = [e for e in errors if isinstance(e, ConfigurationError)]
             if config:
-                self.mailer.pause(config[0])
-                self.metrics.paused.set(1)
+                primary.failed(config[0])
+                self.metrics.paused.set(1 if self.paused else 0)
                 reason = str(config[0])
                 await self._redis(partial(self.queue.set_paused, reason), "pause")
                 self.systemd.ready(f"PAUSED: SMTP configuration error: {reason}")
                 return
-            if self.mailer.open_connections or self._stop.is_set():
+            if primary.mailer.open_connections or self._stop.is_set():
                 for e in errors:
                     logger.warning("SMTP warm-up: %s (reconnecting on demand)", e)
                 self.systemd.ready(self._status())
                 return
             if time.monotonic() >= deadline:
                 logger.error("SMTP unreachable at start-up (%s); running degraded", errors[0])
+                primary.failed(errors[0])
                 self.systemd.ready(f"DEGRADED: SMTP unreachable: {errors[0]}")
                 return
             logger.warning(
@@ -177,11 +199,12 @@ class Worker:
         for name in ("fetch", "scheduler", "keeper", "lanes"):
             self.monitor.register(name)
         lanes = [
-            asyncio.create_task(self._lane(c), name=f"lane-{i}")
-            for i, c in enumerate(self.mailer.connections)
+            asyncio.create_task(self._lane(i), name=f"lane-{i}")
+            for i in range(self.settings.concurrency)
         ]
         helpers = [
             asyncio.create_task(self._scheduler_loop(), name="scheduler"),
+            asyncio.create_task(self._digest_loop(), name="digests"),
             asyncio.create_task(self._keeper_loop(), name="keeper"),
             asyncio.create_task(self.systemd.run_watchdog(self.monitor, status=self._status)),
         ]
@@ -197,10 +220,10 @@ class Worker:
         finally:
             self.stop()
             self.systemd.stopping()
-            fetch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fetch
-            # Events fetched but not started stay in processing and are requeued below.
+            for t in (fetch, helpers[1]):  # stop taking work: fetch and digests
+                t.cancel()
+            await asyncio.gather(fetch, helpers[1], return_exceptions=True)
+            # Jobs fetched but not started stay in processing and are requeued below.
             while not self._work.empty():
                 self._work.get_nowait()
             for _ in lanes:
@@ -226,7 +249,7 @@ class Worker:
                 "could not return in-flight events to the queue (%s); another worker will "
                 "recover them once this worker's heartbeat expires", exc,
             )  # fmt: skip
-        await self.mailer.close()
+        await asyncio.gather(*(a.mailer.close() for a in self.accounts), return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -251,8 +274,6 @@ class Worker:
                 if self._redis_down_since is None:
                     self._redis_down_since = time.monotonic()
                     logger.error("Redis unreachable during %s: %s; retrying", what, exc)
-                if self._stop.is_set() and what in ("fetch", "schedule"):
-                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -268,7 +289,7 @@ class Worker:
         s = self.settings
         while not self._stop.is_set():
             self.monitor.beat("fetch")
-            if self.mailer.paused:
+            if self.paused:
                 await self._wait_pause()
                 continue
             await self._free.acquire()
@@ -283,10 +304,9 @@ class Worker:
                         self.stop()
                         return
                     one = await self._redis(
-                        lambda: self.queue.fetch_blocking(self._blocking_redis, 1.0),
-                        "fetch",
-                        "fetch",
-                    )
+                        partial(self.queue.fetch_blocking, self._blocking_redis, 1.0),
+                        "fetch", "fetch",
+                    )  # fmt: skip
                     items = [one] if one is not None else []
             except BaseException:
                 for _ in range(taken):
@@ -294,7 +314,7 @@ class Worker:
                 raise
             now = time.time()
             for raw in items:
-                self._work.put_nowait((raw, now))
+                self._work.put_nowait(_EventJob(raw, now))
             for _ in range(taken - len(items)):
                 self._free.release()
 
@@ -302,232 +322,58 @@ class Worker:
         if self._inflight or not self._work.empty():
             return False
         d = await self._redis(self.queue.depths, "depths")
-        return d.queue == 0 and d.retry == 0 and d.processing == 0
+        return d.queue == 0 and d.retry == 0 and d.processing == 0 and d.held == 0
 
     async def _wait_pause(self) -> None:
-        """While paused on a configuration error: probe a login when the back-off ends."""
-        remaining = self.mailer.pause_remaining()
+        """Every account is paused on a configuration error: probe a login when the first
+        pause ends; resume on success."""
+        account = min(self.accounts, key=lambda a: a.mailer.pause_remaining())
+        remaining = account.mailer.pause_remaining()
         if remaining > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=min(remaining, 1.0))
             return
-        conn = self.mailer.connections[0]
+        conn = account.mailer.connections[0]
         try:
             await conn.open()
         except SendError as err:
             if isinstance(err, ConfigurationError):
-                self.mailer.pause(err)
-                reason = str(err)
-                await self._redis(lambda: self.queue.set_paused(reason), "pause")
+                account.failed(err)
+                await self._redis(partial(self.queue.set_paused, str(err)), "pause")
             else:
-                logger.warning("SMTP still unreachable: %s", err)
-                self.mailer.pause(ConfigurationError(f"(retrying login) {err}"))
+                logger.warning("SMTP account %s still unreachable: %s", account.name, err)
+                account.mailer.pause(ConfigurationError(f"(retrying login) {err}"))
             return
-        self.mailer.resume()
+        account.succeeded()
         self.metrics.paused.set(0)
-        await self._redis(lambda: self.queue.set_paused(None), "resume")
+        await self._redis(partial(self.queue.set_paused, None), "resume")
 
     # ================================================================== lanes
-    async def _lane(self, conn: Any) -> None:
+    async def _lane(self, index: int) -> None:
         while True:
-            item = await self._work.get()
-            if item is None:
+            job = await self._work.get()
+            if job is None:
                 return
-            raw, fetched_at = item
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
             try:
-                await self._handle(conn, raw, fetched_at)
+                if isinstance(job, _EventJob):
+                    await self.deliverer.handle(index, job.raw, job.fetched_at)
+                else:
+                    await self.deliverer.handle_digest(index, job.group, job.raws)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not take the lane down: the event stays in processing and goes
+                # back to the queue on restart/recovery; say so loudly.
+                logger.exception("lane %d: unexpected error; the event stays in processing", index)
             finally:
                 self._inflight -= 1
                 self.metrics.inflight.set(self._inflight)
-                self.metrics.connections.set(self.mailer.open_connections)
+                self.metrics.connections.set(self._open_connections())
+                self.metrics.paused.set(1 if self.paused else 0)
                 self._free.release()
                 self.monitor.beat("lanes")
-
-    async def _handle(self, conn: Any, raw: bytes, fetched_at: float) -> None:
-        s = self.settings
-        try:
-            event = parse_event(raw)
-        except InvalidEvent as exc:
-            await self._bury(raw, None, "invalid", exc.reason, attempts=0)
-            return
-        event_id = event.id or new_event_id()
-        if event.id is None:
-            event = event.model_copy(update={"id": event_id})
-        first_seen = (
-            float(event.meta.first_seen) if event.meta and event.meta.first_seen else fetched_at
-        )
-        produced = event.ts if event.ts is not None else first_seen
-        if event.to is not None:
-            outside = [a for a in event.to if a not in self.allowed]
-            if outside:
-                await self._bury(
-                    raw, event, "invalid",
-                    f"recipient(s) {', '.join(outside[:5])} not allowed: add them to "
-                    "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO",
-                    attempts=event.attempts,
-                )  # fmt: skip
-                return
-            recipients = list(event.to)
-        else:
-            recipients = list(s.mail_to)
-        if (await self._redis(lambda: self.queue.sent_marks([event_id]), "dedup"))[0]:
-            await self._redis(lambda: self.queue.skip_duplicate(raw), "ack")
-            logger.info("duplicate %s: already delivered, dropped", event_id)
-            self._emit(Outcome("duplicate", event_id))
-            return
-        try:
-            msg = self.composer.compose(event, event_id=event_id, recipients=recipients)
-            data = message_bytes(msg)
-        except Exception as exc:  # a template or encoding bug must not kill the lane
-            logger.exception("cannot compose event %s", event_id)
-            await self._bury(
-                raw, event, "invalid", f"cannot compose the mail: {exc}", event.attempts
-            )
-            return
-        subject = str(msg["Subject"])
-        if self.mailer.paused:
-            await self._redis(lambda: self.queue.requeue(raw), "requeue")
-            return
-        assert self.composer.from_address
-        t0 = time.perf_counter()
-        try:
-            _result, timing = await conn.send(self.composer.from_address, recipients, data)
-        except SendError as err:
-            await self._failed(raw, event, event_id, subject, err, first_seen)
-            return
-        except Exception as exc:  # classify anything unexpected rather than crash the lane
-            await self._failed(raw, event, event_id, subject, classify(exc), first_seen)
-            return
-        smtp_s = time.perf_counter() - t0
-        done = time.time()
-        latency = max(0.0, done - produced)
-        queue_wait = max(0.0, fetched_at - produced)
-        record = {
-            "t": round(done, 3), "o": "sent", "id": event_id, "l": round(latency, 4),
-            "w": round(queue_wait, 4), "s": round(smtp_s, 4), "m": timing.mode,
-        }  # fmt: skip
-        if timing.refused:
-            await self._refused(raw, event, event_id, record, timing.refused, first_seen)
-        else:
-            await self._redis(lambda: self.queue.ack(raw, event_id, record), "ack")
-        self.metrics.observe_delivery(latency, queue_wait, smtp_s)
-        self._count("sent")
-        line = (
-            "sent %s to %s in %.0f ms (queue %.0f ms, smtp %.0f ms%s, %s): %s",
-            event_id, ",".join(recipients), latency * 1000, queue_wait * 1000, smtp_s * 1000,
-            f", reconnect {timing.connect * 1000:.0f} ms" if timing.connect else "",
-            timing.mode, subject,
-        )  # fmt: skip
-        if latency > s.latency_target_s:
-            logger.warning("SLOW " + line[0], *line[1:])
-        else:
-            logger.info(*line)
-        self._emit(Outcome(
-            "sent", event_id, subject, recipients, latency, queue_wait, smtp_s,
-            attempts=event.attempts + 1,
-        ))  # fmt: skip
-
-    async def _refused(
-        self, raw: bytes, event: Event, event_id: str, record: dict[str, Any],
-        refused: dict[str, str], first_seen: float,
-    ) -> None:  # fmt: skip
-        """Some recipients refused: the rest got it; the refused ones retry as a new event."""
-        logger.warning("event %s: recipients refused: %s", event_id, refused)
-        child = event.model_copy(update={"id": f"{event_id}.r{event.attempts + 1}"[:128],
-                                         "to": sorted(refused)})  # fmt: skip
-        again = child.with_meta(
-            attempts=event.attempts + 1,
-            last_error="; ".join(f"{a}: {e}" for a, e in refused.items()),
-            first_seen=first_seen,
-        ).to_json()
-        due = time.time() + backoff(event.attempts + 1, base=self.settings.retry_base_s,
-                                    cap=self.settings.retry_max_s)  # fmt: skip
-        await self._redis(lambda: self.queue.split(raw, event_id, record, again, due), "ack")
-        self._retry_added.set()
-
-    async def _failed(
-        self, raw: bytes, event: Event, event_id: str, subject: str, err: SendError,
-        first_seen: float,
-    ) -> None:  # fmt: skip
-        s = self.settings
-        if isinstance(err, ConfigurationError):
-            self.mailer.pause(err)
-            self.metrics.paused.set(1)
-            await self._redis(lambda: self.queue.requeue(raw), "requeue")
-            await self._redis(lambda: self.queue.set_paused(str(err)), "pause")
-            self._emit(
-                Outcome("requeued", event_id, subject, reason="configuration", error=str(err))
-            )
-            return
-        if isinstance(err, PermanentError):
-            await self._bury(raw, event, "permanent", f"refused by the SMTP server: {err}",
-                             event.attempts + 1)  # fmt: skip
-            return
-        throttled = isinstance(err, ThrottledError)
-        attempts = event.attempts + (0 if throttled else 1)
-        if attempts >= s.max_attempts:
-            await self._bury(
-                raw,
-                event,
-                "exhausted",
-                f"gave up after {attempts} attempts; last error: {err}",
-                attempts,
-            )
-            return
-        reason = "throttled" if throttled else "transient"
-        n = (event.meta.attempts if event.meta else 0) + 1
-        delay = backoff(
-            n,
-            base=s.throttle_base_s if throttled else s.retry_base_s,
-            cap=max(s.retry_max_s, s.throttle_base_s) if throttled else s.retry_max_s,
-        )
-        due = time.time() + delay
-        again = event.with_meta(
-            attempts=attempts if not throttled else event.attempts,
-            last_error=str(err)[:500],
-            first_seen=first_seen,
-        ).to_json()
-        record = {"t": round(time.time(), 3), "o": "retry", "id": event_id, "reason": reason}
-        await self._redis(lambda: self.queue.retry(raw, again, due, record), "retry")
-        self._retry_added.set()
-        self.metrics.retried.labels(reason).inc()
-        self._count("retry")
-        logger.warning("retry %s in %.1f s (%s, attempt %d of %d): %s",
-                       event_id, delay, reason, attempts, s.max_attempts, err)  # fmt: skip
-        self._emit(
-            Outcome("retry", event_id, subject, reason=reason, error=str(err), attempts=attempts)
-        )
-
-    async def _bury(
-        self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int
-    ) -> None:
-        event_id = event.id if event and event.id else ""
-        text = _text(raw)
-        letter: dict[str, Any] = {
-            "event": text, "id": event_id, "reason": reason, "error": error,
-            "attempts": attempts, "failed_at": time.time(), "worker": self.settings.worker_id,
-        }  # fmt: skip
-        if len(raw) > MAX_DEAD_TEXT:
-            letter["event_bytes"] = len(raw)
-            letter["event_truncated"] = True
-        record = {"t": round(time.time(), 3), "o": "dead", "id": event_id, "reason": reason}
-        await self._redis(lambda: self.queue.bury(raw, letter, record), "dead")
-        self.metrics.dead.labels(reason).inc()
-        self._count("dead")
-        logger.error("dead letter %s (%s): %s", event_id or "<no id>", reason, error)
-        self._emit(Outcome("dead", event_id, reason=reason, error=error, attempts=attempts))
-
-    def _emit(self, outcome: Outcome) -> None:
-        if self.on_outcome is not None:
-            try:
-                self.on_outcome(outcome)
-            except Exception:
-                logger.exception("on_outcome hook failed")
-
-    def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
 
     # ================================================================== scheduler, keeper
     async def _scheduler_loop(self) -> None:
@@ -543,6 +389,25 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retry_added.wait(), timeout=wait)
 
+    async def _digest_loop(self) -> None:
+        """Hand due digest groups to a lane (several workers: each group goes to one)."""
+        while True:
+            nxt = await self._redis(self.queue.next_digest_due, "digests")
+            if nxt is None or nxt > time.time():
+                wait = 1.0 if nxt is None else min(1.0, max(0.01, nxt - time.time()))
+                await asyncio.sleep(wait)
+                continue
+            await self._free.acquire()
+            try:
+                taken = await self._redis(self.queue.take_digest, "digests")
+            except BaseException:
+                self._free.release()
+                raise
+            if taken is None:
+                self._free.release()
+                continue
+            self._work.put_nowait(_DigestJob(*taken))
+
     async def _keeper_loop(self) -> None:
         period = max(0.5, self.settings.heartbeat_ttl_s / 4)
         while True:
@@ -550,38 +415,54 @@ class Worker:
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
             await self._redis(lambda: self.queue.heartbeat(self._info()), "heartbeat", "keeper")
-            moved = await self._redis(self.queue.recover, "recover")
+            moved = await self._redis(self.queue.recover, "recover", "keeper")
             for wid, n in moved.items():
                 logger.warning("worker %s stopped heartbeating: returned its %d event(s)", wid, n)
-            d = await self._redis(self.queue.depths, "depths")
+            d = await self._redis(self.queue.depths, "depths", "keeper")
             m = self.metrics
             m.queue_depth.set(d.queue)
             m.retry_depth.set(d.retry)
             m.dead_depth.set(d.dead)
             m.processing_depth.set(d.processing)
-            m.connections.set(self.mailer.open_connections)
+            m.held_depth.set(d.held)
+            m.connections.set(self._open_connections())
+            m.paused.set(1 if self.paused else 0)
+            for a in self.accounts:
+                m.account_up.labels(a.name).set(1 if a.available() else 0)
             await self._idle_hygiene()
             await asyncio.sleep(period)
 
     async def _idle_hygiene(self) -> None:
+        """Close connections idle longer than SMTP_IDLE_TIMEOUT_S (providers drop them
+        anyway; a closed one is reopened on demand)."""
         now = time.monotonic()
-        for conn in self.mailer.connections:
-            if conn.is_open and now - conn.last_used > self.settings.smtp_idle_timeout_s:
-                await conn.close()
+        for account in self.accounts:
+            for conn in account.mailer.connections:
+                if conn.is_open and now - conn.last_used > account.settings.smtp_idle_timeout_s:
+                    await conn.close()
+
+    def _open_connections(self) -> int:
+        return sum(a.mailer.open_connections for a in self.accounts)
 
     def _info(self) -> dict[str, Any]:
         return {
-            "pid": __import__("os").getpid(), "started": self.started_at,
-            "lanes": self.settings.concurrency, "sent": self.counts.get("sent", 0),
-            "paused": self.mailer.paused_reason,
+            "pid": os.getpid(), "started": self.started_at, "lanes": self.settings.concurrency,
+            "sent": self.counts.get("sent", 0),
+            "paused": self.accounts[0].mailer.paused_reason,
+            "accounts": {a.name: a.describe() for a in self.accounts},
         }  # fmt: skip
 
     def _status(self) -> str:
         c = self.counts
-        state = f"PAUSED ({self.mailer.paused_reason}) " if self.mailer.paused else ""
+        state = ""
+        if self.paused:
+            state = f"PAUSED ({self.accounts[0].mailer.paused_reason}) "
+        else:
+            bad = [f"{a.name} {a.state}" for a in self.accounts if a.state != "ok"]
+            state = f"accounts: {', '.join(bad)}; " if bad else ""
         return (
             f"{state}sent {c.get('sent', 0)}, retried {c.get('retry', 0)}, dead {c.get('dead', 0)};"
-            f" in flight {self._inflight}; SMTP connections {self.mailer.open_connections}"
+            f" in flight {self._inflight}; SMTP connections {self._open_connections()}"
         )
 
 

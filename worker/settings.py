@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-from email.utils import formataddr, parseaddr
+from email.headerregistry import Address
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -95,12 +97,22 @@ class Settings(BaseSettings):
     smtp_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     smtp_max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
     smtp_esmtp_mode: Literal["auto", "chunking", "pipelining", "sequential"] = "auto"
+    # Messages per minute this account may send (None: the provider preset's; 0: no limit).
+    smtp_rate_per_minute: Annotated[int, Field(ge=0)] | None = None
+    smtp_account_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
+    # Failover accounts in priority order (TOML, see README "Failover accounts").
+    accounts_file: Path | None = None
 
     # Mail
     mail_from: str | None = None
     mail_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
     template_dir: Path | None = None
+    routes_file: Path | None = None
+    locale: Literal["en", "zh"] = "en"
+    late_after_s: Annotated[float, Field(gt=0)] = 60.0
+    dedup_window_s: Annotated[float, Field(gt=0)] = 300.0
+    thread_by_day: bool = True
 
     # Delivery
     concurrency: Annotated[int, Field(ge=1, le=256)] = 4
@@ -142,7 +154,8 @@ class Settings(BaseSettings):
         name, address = parseaddr(v)
         if not valid_address(address):
             raise ValueError(f"{v!r}: use name@example.com or 'Display Name <name@example.com>'")
-        return formataddr((name, address)) if name else address
+        # Kept readable (RFC 2047 encoding is compose.py's job, at the header).
+        return str(Address(display_name=name, addr_spec=address)) if name else address
 
     @field_validator("smtp_provider")
     @classmethod
@@ -156,8 +169,10 @@ class Settings(BaseSettings):
         preset = PROVIDERS.get(self.smtp_provider or "")
         if preset:
             self.smtp_host = self.smtp_host or preset.host
-            self.smtp_port = self.smtp_port or preset.port
             self.smtp_tls = self.smtp_tls or preset.tls
+            if self.smtp_port is None and self.smtp_tls == preset.tls:
+                # the preset's port goes with its TLS mode; another mode gets its own port below
+                self.smtp_port = preset.port
         self.smtp_host = self.smtp_host or "localhost"
         self.smtp_tls = self.smtp_tls or "none"
         if self.smtp_port is None:
@@ -170,7 +185,29 @@ class Settings(BaseSettings):
             raise ValueError("NOTIFIER_RETRY_MAX_S must be at least NOTIFIER_RETRY_BASE_S")
         if not self.worker_id:
             self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        if not self.smtp_account_name:
+            self.smtp_account_name = self.smtp_provider or "primary"
+        if self.smtp_rate_per_minute is None:
+            self.smtp_rate_per_minute = preset.per_minute if preset else 0
+        if self.routes_file is not None:
+            from .routing import load_routes
+
+            self._routes = load_routes(self.routes_file, self.allowed)
+        if self.accounts_file is not None:
+            self._failover = _load_accounts(self, self.accounts_file)
         return self
+
+    _routes: Any = PrivateAttr(default=None)
+    _failover: list[Settings] = PrivateAttr(default_factory=list)
+
+    @property
+    def routes(self) -> Any:
+        """The validated :class:`worker.routing.Routes`, or None without ROUTES_FILE."""
+        return self._routes
+
+    def accounts(self) -> list[Settings]:
+        """The SMTP accounts in priority order: this one, then the failover accounts."""
+        return [self, *self._failover]
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -219,6 +256,72 @@ def _read_password(path: Path | None) -> SecretStr | None:
             f"NOTIFIER_SMTP_PASSWORD_FILE={path}: cannot read it ({exc.strerror})"
         ) from None
     return SecretStr(text) if text else None
+
+
+_ACCOUNT_FIELDS = {
+    "provider": "smtp_provider", "host": "smtp_host", "port": "smtp_port", "tls": "smtp_tls",
+    "username": "smtp_username", "password": "smtp_password",
+    "password_file": "smtp_password_file", "validate_certs": "smtp_validate_certs",
+    "ca_file": "smtp_ca_file", "rate_per_minute": "smtp_rate_per_minute",
+    "mail_from": "mail_from", "name": "smtp_account_name", "timeout_s": "smtp_timeout_s",
+}  # fmt: skip
+
+
+def _load_accounts(base: Settings, path: Path) -> list[Settings]:
+    """Failover accounts from a TOML file of ``[[account]]`` tables."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(
+            f"NOTIFIER_ACCOUNTS_FILE={path}: cannot read it ({exc.strerror})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"NOTIFIER_ACCOUNTS_FILE={path}: not valid TOML ({exc})") from None
+    out: list[Settings] = []
+    names = {base.smtp_account_name}
+    for i, acc in enumerate(raw.get("account", [])):
+        unknown = set(acc) - set(_ACCOUNT_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"NOTIFIER_ACCOUNTS_FILE={path}: account {i + 1}: unknown key(s) "
+                f"{', '.join(sorted(unknown))}; known: {', '.join(_ACCOUNT_FIELDS)}"
+            )
+        name = str(acc.get("name") or acc.get("provider") or f"account{i + 2}")
+        if name in names:
+            raise ValueError(f"NOTIFIER_ACCOUNTS_FILE={path}: two accounts named {name!r}")
+        names.add(name)
+        fields = base.model_dump(exclude={"accounts_file", "routes_file"})
+        for key in ("smtp_host", "smtp_port", "smtp_tls", "smtp_username", "smtp_password",
+                    "smtp_password_file", "smtp_rate_per_minute", "smtp_provider"):  # fmt: skip
+            fields[key] = None
+        fields["mail_from"] = None
+        fields["smtp_account_name"] = name
+        for key, value in acc.items():
+            fields[_ACCOUNT_FIELDS[key]] = value
+        if fields["smtp_password"] is None and fields["smtp_password_file"] is None:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            candidate = Path(creds) / f"smtp_password_{name}" if creds else None
+            if candidate is not None and candidate.is_file():
+                fields["smtp_password_file"] = candidate
+        try:
+            account = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            key = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(
+                f"NOTIFIER_ACCOUNTS_FILE={path}: account {name!r}: {key.removeprefix('smtp_')}"
+                f"{': ' if key else ''}{msg}"
+            ) from None
+        if account.smtp_username and account.smtp_password is None:
+            raise ValueError(
+                f"NOTIFIER_ACCOUNTS_FILE={path}: account {name!r}: no password (password_file, "
+                f"or a systemd credential smtp_password_{name})"
+            )
+        out.append(account)
+    return out
 
 
 def load_settings(**overrides: Any) -> Settings:

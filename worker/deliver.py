@@ -1,0 +1,444 @@
+"""What happens to one event (or one digest) once a lane has it.
+
+    parse ─► recipients (event ``to`` ∪ route ∪ MAIL_TO) ─► already sent? ─► expired?
+          ─► repeat suppressed? ─► account (failover order) ─► rate limit (digest when full)
+          ─► compose ─► send ─► settle in Redis (ack | retry | dead | hold | requeue)
+
+Every outcome is settled with one atomic Redis step (:mod:`worker.queue`), so the event is
+always in exactly one of queue, processing, retry, held (digest) or dead, or delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from producer.event import Event, InvalidEvent, new_event_id, parse_event
+
+from .accounts import Account
+from .compose import Composer, delayed_prefix, render_subject, repeated_note
+from .errors import ConfigurationError, PermanentError, SendError, ThrottledError
+from .mailer import SendTiming, classify, message_bytes
+from .metrics import Metrics
+from .queue import Queue
+from .retry import backoff
+from .settings import Settings
+
+__all__ = ["Deliverer", "Outcome"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_DEAD_TEXT = 1024 * 1024  # keep at most this much of a rejected event's text
+Guard = Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one event (passed to ``on_outcome`` hooks, e.g. the demo)."""
+
+    status: str  # sent | retry | dead | duplicate | requeued | suppressed | held | digest
+    event_id: str
+    subject: str = ""
+    recipients: list[str] = field(default_factory=list)
+    latency: float = 0.0
+    queue_wait: float = 0.0
+    smtp: float = 0.0
+    reason: str = ""
+    error: str = ""
+    attempts: int = 0
+    account: str = ""
+
+
+@dataclass(slots=True)
+class _Event:
+    """An event being handled, with what was worked out about it."""
+
+    raw: bytes
+    event: Event
+    id: str
+    first_seen: float
+    produced: float
+    fetched_at: float
+    recipients: list[str]
+    digest: bool
+    window_s: float
+
+
+def _text(raw: bytes) -> str:
+    return raw[:MAX_DEAD_TEXT].decode("utf-8", "backslashreplace")
+
+
+class Deliverer:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        accounts: list[Account],
+        composer: Composer,
+        metrics: Metrics,
+        guard: Guard,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.accounts = accounts
+        self.by_name = {a.name: a for a in accounts}
+        self.composer = composer
+        self.metrics = metrics
+        self._guard = guard
+        self.on_outcome = on_outcome
+        self._on_retry = on_retry
+        self.allowed = settings.allowed
+        self.routes = settings.routes
+        self.counts: dict[str, int] = {}
+
+    async def _redis(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        result: T = await self._guard(op, what)
+        return result
+
+    # ================================================================== one event
+    async def handle(self, lane: int, raw: bytes, fetched_at: float) -> None:
+        ev = await self._prepare(raw, fetched_at)
+        if ev is None:
+            return
+        s = self.settings
+        now = time.time()
+        if ev.event.expires_s is not None and now > ev.produced + ev.event.expires_s:
+            await self._bury(ev.raw, ev.event, "expired",
+                             f"could not be delivered within expires_s={ev.event.expires_s:g} "
+                             f"(now {now - ev.produced:.0f} s after it was produced)",
+                             ev.event.attempts)  # fmt: skip
+            return
+        notes: list[str] = []
+        if ev.event.dedup_key is not None and ev.event.attempts == 0:
+            suppressed, count, since = await self._redis(
+                partial(self.queue.suppress, ev.event.dedup_key, ev.window_s, ev.id), "suppress"
+            )
+            if suppressed:
+                record = {"t": round(now, 3), "o": "suppressed", "id": ev.id}
+                await self._redis(partial(self.queue.suppressed, ev.raw, record), "ack")
+                self.metrics.suppressed.inc()
+                self._count("suppressed")
+                logger.info("suppressed %s: repeat %d of %r in its window", ev.id, count,
+                            ev.event.dedup_key)  # fmt: skip
+                self._emit(Outcome("suppressed", ev.id, attempts=count))
+                return
+            if count:
+                notes.append(repeated_note(count, since, now, s.locale))
+        subject = render_subject(ev.event)
+        late = now - ev.produced
+        if late > s.late_after_s:
+            subject = f"{delayed_prefix(late, s.locale)} {subject}"
+        errors: list[tuple[Account, SendError]] = []
+        for account in self._candidates():
+            if account.per_minute and ev.digest:
+                wait = await self._redis(
+                    partial(self.queue.rate_acquire, account.name, account.per_minute,
+                            force=ev.event.severity == "critical"), "rate",
+                )  # fmt: skip
+                if wait > 0:
+                    await self._hold([ev], account, wait)
+                    return
+            try:
+                msg = self.composer.compose(
+                    ev.event, event_id=ev.id, recipients=ev.recipients, subject=subject,
+                    notes=notes, sender=account.sender or None,
+                )  # fmt: skip
+                data = message_bytes(msg)
+            except Exception as exc:  # a template or encoding bug must not kill the lane
+                logger.exception("cannot compose event %s", ev.id)
+                await self._bury(ev.raw, ev.event, "invalid", f"cannot compose the mail: {exc}",
+                                 ev.event.attempts)  # fmt: skip
+                return
+            conn = account.mailer.connections[lane % len(account.mailer.connections)]
+            t0 = time.perf_counter()
+            try:
+                _result, timing = await conn.send(account.from_address, ev.recipients, data)
+            except Exception as exc:  # classify anything unexpected rather than crash the lane
+                err = classify(exc, account.settings.smtp_provider)
+                account.failed(err)
+                if isinstance(err, PermanentError):
+                    await self._bury(ev.raw, ev.event, "permanent",
+                                     f"refused by the SMTP server: {err}", ev.event.attempts + 1)  # fmt: skip
+                    return
+                errors.append((account, err))
+                continue
+            account.succeeded()
+            await self._delivered(ev, account, subject, time.perf_counter() - t0, timing)
+            return
+        await self._all_failed(ev, subject, errors)
+
+    async def _prepare(self, raw: bytes, fetched_at: float) -> _Event | None:
+        """Parse and validate; dead-letter what cannot be sent; drop a repeat of a sent id."""
+        try:
+            event = parse_event(raw)
+        except InvalidEvent as exc:
+            await self._bury(raw, None, "invalid", exc.reason, attempts=0)
+            return None
+        event_id = event.id or new_event_id()
+        if event.id is None:
+            event = event.model_copy(update={"id": event_id})
+        meta = event.meta
+        first_seen = float(meta.first_seen) if meta and meta.first_seen else fetched_at
+        route = self.routes.resolve(event) if self.routes is not None else None
+        if event.to is not None:
+            outside = [a for a in event.to if a not in self.allowed]
+            if outside:
+                await self._bury(raw, event, "invalid",
+                                 f"recipient(s) {', '.join(outside[:5])} not allowed: add them to "
+                                 "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO", event.attempts)  # fmt: skip
+                return None
+            recipients = list(event.to)
+        elif route is not None:
+            recipients = list(route.to)
+        else:
+            recipients = list(self.settings.mail_to)
+        if (await self._redis(partial(self.queue.sent_marks, [event_id]), "dedup"))[0]:
+            await self._redis(partial(self.queue.skip_duplicate, raw), "ack")
+            logger.info("duplicate %s: already delivered, dropped", event_id)
+            self._emit(Outcome("duplicate", event_id))
+            return None
+        window = event.dedup_window_s or (route.dedup_window_s if route else None)
+        return _Event(
+            raw=raw, event=event, id=event_id, first_seen=first_seen,
+            produced=event.ts if event.ts is not None else first_seen, fetched_at=fetched_at,
+            recipients=recipients, digest=route.digest if route is not None else True,
+            window_s=window or self.settings.dedup_window_s,
+        )  # fmt: skip
+
+    def _candidates(self) -> list[Account]:
+        """Accounts to try, in priority order; the primary when none is available (its
+        cool-down or pause then decides through the send's own error)."""
+        now = time.monotonic()
+        usable = [a for a in self.accounts if a.available(now)]
+        return usable
+
+    async def _delivered(
+        self, ev: _Event, account: Account, subject: str, smtp_s: float, timing: SendTiming
+    ) -> None:
+        done = time.time()
+        latency = max(0.0, done - ev.produced)
+        queue_wait = max(0.0, ev.fetched_at - ev.produced)
+        record = {
+            "t": round(done, 3), "o": "sent", "id": ev.id, "l": round(latency, 4),
+            "w": round(queue_wait, 4), "s": round(smtp_s, 4), "m": timing.mode,
+            "a": account.name,
+        }  # fmt: skip
+        if timing.refused:
+            await self._refused(ev, record, timing.refused)
+        else:
+            await self._redis(partial(self.queue.ack, ev.raw, ev.id, record), "ack")
+        self.metrics.observe_delivery(latency, queue_wait, smtp_s)
+        self._count("sent")
+        line = (
+            "sent %s to %s in %.0f ms (queue %.0f ms, smtp %.0f ms%s, %s%s): %s",
+            ev.id, ",".join(ev.recipients), latency * 1000, queue_wait * 1000, smtp_s * 1000,
+            f", reconnect {timing.connect * 1000:.0f} ms" if timing.connect else "",
+            timing.mode, f", via {account.name}" if account.priority else "", subject,
+        )  # fmt: skip
+        if latency > self.settings.latency_target_s:
+            logger.warning("SLOW " + line[0], *line[1:])
+        else:
+            logger.info(*line)
+        self._emit(Outcome("sent", ev.id, subject, ev.recipients, latency, queue_wait, smtp_s,
+                           attempts=ev.event.attempts + 1, account=account.name))  # fmt: skip
+
+    async def _refused(self, ev: _Event, record: dict[str, Any], refused: dict[str, str]) -> None:
+        """Some recipients refused: the rest got it; the refused ones retry as a new event."""
+        logger.warning("event %s: recipients refused: %s", ev.id, refused)
+        n = ev.event.attempts + 1
+        child = ev.event.model_copy(update={"id": f"{ev.id}.r{n}"[:128], "to": sorted(refused)})
+        again = child.with_meta(
+            attempts=n, last_error="; ".join(f"{a}: {e}" for a, e in refused.items())[:500],
+            first_seen=ev.first_seen,
+        ).to_json()  # fmt: skip
+        due = time.time() + backoff(
+            n, base=self.settings.retry_base_s, cap=self.settings.retry_max_s
+        )
+        await self._redis(partial(self.queue.split, ev.raw, ev.id, record, again, due), "ack")
+        self._retried()
+
+    async def _all_failed(
+        self, ev: _Event, subject: str, errors: list[tuple[Account, SendError]]
+    ) -> None:
+        """No account took the event: requeue (all paused), or retry with back-off."""
+        s = self.settings
+        if not errors:
+            # every account is cooling down or paused: wait for the first to be usable
+            if all(a.paused for a in self.accounts):
+                await self._redis(partial(self.queue.requeue, ev.raw), "requeue")
+                self._emit(Outcome("requeued", ev.id, subject, reason="configuration"))
+                return
+            wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
+            reason = next((a.state for a in self.accounts if a.state != "ok"), "throttled")
+            err: SendError = ThrottledError(f"every SMTP account is {reason}")
+            await self._retry(ev, subject, err, "throttled", counts=False, delay=wait)
+            return
+        kinds = [e for _, e in errors]
+        if all(isinstance(e, ConfigurationError) for e in kinds):
+            await self._redis(partial(self.queue.requeue, ev.raw), "requeue")
+            reason_text = str(kinds[0])
+            await self._redis(partial(self.queue.set_paused, reason_text), "pause")
+            self.metrics.paused.set(1 if all(a.paused for a in self.accounts) else 0)
+            self._emit(Outcome("requeued", ev.id, subject, reason="configuration",
+                               error=reason_text))  # fmt: skip
+            return
+        real = [e for e in kinds if not isinstance(e, ConfigurationError)]
+        throttled = all(isinstance(e, ThrottledError) for e in real)
+        err = real[-1]
+        attempts = ev.event.attempts + (0 if throttled else 1)
+        if attempts >= s.max_attempts:
+            await self._bury(ev.raw, ev.event, "exhausted",
+                             f"gave up after {attempts} attempts; last error: {err}", attempts)  # fmt: skip
+            return
+        await self._retry(ev, subject, err, "throttled" if throttled else "transient",
+                          counts=not throttled)  # fmt: skip
+
+    async def _retry(
+        self, ev: _Event, subject: str, err: SendError, reason: str, *, counts: bool,
+        delay: float | None = None,
+    ) -> None:  # fmt: skip
+        s = self.settings
+        attempts = ev.event.attempts + (1 if counts else 0)
+        if delay is None:
+            tries = (ev.event.meta.attempts if ev.event.meta else 0) + 1
+            throttled = reason == "throttled"
+            delay = backoff(tries, base=s.throttle_base_s if throttled else s.retry_base_s,
+                            cap=max(s.retry_max_s, s.throttle_base_s) if throttled else s.retry_max_s)  # fmt: skip
+        if ev.event.expires_s is not None:
+            left = ev.produced + ev.event.expires_s - time.time()
+            if left <= delay:  # the retry would come too late: expire it now, say why
+                await self._bury(ev.raw, ev.event, "expired",
+                                 f"expires_s={ev.event.expires_s:g} would pass before the next "
+                                 f"attempt; last error: {err}", attempts)  # fmt: skip
+                return
+        due = time.time() + delay
+        again = ev.event.with_meta(attempts=attempts, last_error=str(err)[:500],
+                                   first_seen=ev.first_seen).to_json()  # fmt: skip
+        record = {"t": round(time.time(), 3), "o": "retry", "id": ev.id, "reason": reason}
+        await self._redis(partial(self.queue.retry, ev.raw, again, due, record), "retry")
+        self._retried()
+        self.metrics.retried.labels(reason).inc()
+        self._count("retry")
+        logger.warning("retry %s in %.1f s (%s, attempt %d of %d): %s",
+                       ev.id, delay, reason, attempts, s.max_attempts, err)  # fmt: skip
+        self._emit(Outcome("retry", ev.id, subject, reason=reason, error=str(err),
+                           attempts=attempts))  # fmt: skip
+
+    def _retried(self) -> None:
+        if self._on_retry is not None:
+            self._on_retry()
+
+    async def _bury(
+        self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int
+    ) -> None:
+        event_id = event.id if event and event.id else ""
+        letter: dict[str, Any] = {
+            "event": _text(raw), "id": event_id, "reason": reason, "error": error,
+            "attempts": attempts, "failed_at": time.time(), "worker": self.queue.worker_id,
+        }  # fmt: skip
+        if len(raw) > MAX_DEAD_TEXT:
+            letter["event_bytes"] = len(raw)
+            letter["event_truncated"] = True
+        record = {"t": round(time.time(), 3), "o": "dead", "id": event_id, "reason": reason}
+        await self._redis(partial(self.queue.bury, raw, letter, record), "dead")
+        self.metrics.dead.labels(reason).inc()
+        self._count("dead")
+        logger.error("dead letter %s (%s): %s", event_id or "<no id>", reason, error)
+        self._emit(Outcome("dead", event_id, reason=reason, error=error, attempts=attempts))
+
+    # ================================================================== digests
+    def _group(self, account: Account, recipients: Sequence[str]) -> str:
+        digest = hashlib.sha256(",".join(sorted(recipients)).encode()).hexdigest()[:16]
+        return f"{account.name}.{digest}"
+
+    async def _hold(self, evs: Sequence[_Event], account: Account, wait: float) -> None:
+        group = self._group(account, evs[0].recipients)
+        due = time.time() + wait
+        await self._redis(partial(self.queue.hold, group, [e.raw for e in evs], due), "hold")
+        self._count("held")
+        logger.info("rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s",
+                    account.name, account.per_minute, len(evs), wait)  # fmt: skip
+        for e in evs:
+            self._emit(Outcome("held", e.id, account=account.name))
+
+    async def handle_digest(self, lane: int, group: str, raws: list[bytes]) -> None:
+        """Send one digest mail for the held events of ``group`` (now in processing)."""
+        fetched_at = time.time()
+        evs: list[_Event] = []
+        for raw in raws:
+            ev = await self._prepare(raw, fetched_at)  # dead-letters or drops what it must
+            if ev is not None:
+                evs.append(ev)
+        if not evs:
+            return
+        name = group.rsplit(".", 1)[0]
+        account = self.by_name.get(name, self.accounts[0])
+        if not account.available():
+            await self._hold(evs, account, max(0.5, account.retry_at() - time.monotonic()))
+            return
+        wait = await self._redis(
+            partial(self.queue.rate_acquire, account.name, account.per_minute), "rate"
+        ) if account.per_minute else 0.0  # fmt: skip
+        if wait > 0:
+            await self._hold(evs, account, wait)
+            return
+        recipients = evs[0].recipients
+        msg = self.composer.compose_digest(
+            [(e.id, e.event) for e in evs], recipients=recipients, sender=account.sender or None,
+            reason=f"{account.name}: rate limit {account.per_minute}/min reached",
+        )  # fmt: skip
+        conn = account.mailer.connections[lane % len(account.mailer.connections)]
+        t0 = time.perf_counter()
+        try:
+            _result, timing = await conn.send(account.from_address, recipients, message_bytes(msg))
+        except Exception as exc:
+            err = classify(exc, account.settings.smtp_provider)
+            account.failed(err)
+            if isinstance(err, PermanentError):
+                for e in evs:
+                    await self._bury(e.raw, e.event, "permanent",
+                                     f"digest refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
+                return
+            delay = max(1.0, account.retry_at() - time.monotonic(),
+                        backoff(1, base=self.settings.retry_base_s, cap=self.settings.retry_max_s))  # fmt: skip
+            logger.warning("digest of %d event(s) failed (%s): held again for %.1f s",
+                           len(evs), err, delay)  # fmt: skip
+            await self._hold(evs, account, delay)
+            return
+        account.succeeded()
+        smtp_s = time.perf_counter() - t0
+        done = time.time()
+        subject = str(msg["Subject"])
+        record = {"t": round(done, 3), "o": "digest", "id": str(msg["Message-ID"]),
+                  "n": len(evs), "s": round(smtp_s, 4), "m": timing.mode, "a": account.name}  # fmt: skip
+        await self._redis(
+            partial(self.queue.ack_digest, [e.raw for e in evs], [e.id for e in evs], record),
+            "ack",
+        )
+        for e in evs:
+            latency = max(0.0, done - e.produced)
+            self.metrics.observe_delivery(latency, max(0.0, e.fetched_at - e.produced), smtp_s)
+            self._emit(Outcome("digest", e.id, subject, recipients, latency, 0.0, smtp_s,
+                               account=account.name))  # fmt: skip
+        self.metrics.digests.inc()
+        self._count("sent", len(evs))
+        logger.info("digest of %d event(s) sent to %s via %s: %s",
+                    len(evs), ",".join(recipients), account.name, subject)  # fmt: skip
+
+    # ================================================================== helpers
+    def _emit(self, outcome: Outcome) -> None:
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:
+                logger.exception("on_outcome hook failed")
+
+    def _count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n

@@ -1,0 +1,124 @@
+"""Routing rules: who gets an event, picked by ``strategy``, ``kind`` and ``severity``.
+
+In the spirit of Alertmanager's routes: a list of rules, first match wins, then a default.
+Rules live in a TOML file named by ``ROUTES_FILE`` and are validated at start-up::
+
+    # /etc/notifier/routes.toml
+    [[route]]
+    name = "critical to the whole desk"
+    severity = "critical"
+    to = ["desk@example.com", "me@example.com"]
+
+    [[route]]
+    strategy = ["ma_*", "grid_*"]      # shell-style patterns
+    kind = ["fill", "order"]
+    to = ["fills@example.com"]
+    dedup_window_s = 300               # default window for events with a dedup_key
+
+    [default]
+    to = ["me@example.com"]
+
+Every recipient must be in ``ALLOWED_RECIPIENTS`` ∪ ``MAIL_TO``. An event's own ``to`` wins
+over the routes but is only honoured within that set (outside it, the event is a dead letter).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from producer.event import Event, Severity, valid_address
+
+__all__ = ["Route", "Routes", "load_routes"]
+
+
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    strategy: list[str] | None = None
+    kind: list[str] | None = None
+    severity: list[Severity] | None = None
+    to: Annotated[list[str], Field(min_length=1, max_length=50)]
+    dedup_window_s: Annotated[float, Field(gt=0)] | None = None
+    digest: bool = True
+
+    _lists = field_validator("strategy", "kind", "severity", "to", mode="before")(
+        classmethod(lambda cls, v: _as_list(v))
+    )
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not valid_address(a):
+                raise ValueError(f"{a!r} is not a plain address like name@example.com")
+        return [a.lower() for a in v]
+
+    def matches(self, event: Event) -> bool:
+        return (
+            _match(self.strategy, event.strategy)
+            and _match(self.kind, event.kind)
+            and (self.severity is None or event.severity in self.severity)
+        )
+
+    @property
+    def label(self) -> str:
+        return self.name or ",".join(self.to)
+
+
+def _match(patterns: list[str] | None, value: str | None) -> bool:
+    if patterns is None:
+        return True
+    return value is not None and any(fnmatchcase(value, p) for p in patterns)
+
+
+class Routes(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route: list[Route] = Field(default_factory=list)
+    default: Route | None = None
+
+    def resolve(self, event: Event) -> Route | None:
+        """The first matching route, else the default route, else None (use MAIL_TO)."""
+        for r in self.route:
+            if r.matches(event):
+                return r
+        return self.default
+
+    def recipients(self) -> Iterable[str]:
+        for r in (*self.route, *([self.default] if self.default else [])):
+            yield from r.to
+
+
+def load_routes(path: Path, allowed: frozenset[str]) -> Routes:
+    """Parse and validate the routes file; ValueError with one line on what is wrong."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: not valid TOML ({exc})") from None
+    try:
+        routes = Routes.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: {where}: {msg}") from None
+    outside = sorted({a for a in routes.recipients() if a not in allowed})
+    if outside:
+        raise ValueError(
+            f"NOTIFIER_ROUTES_FILE={path}: {', '.join(outside)} not allowed: add them to "
+            "NOTIFIER_ALLOWED_RECIPIENTS"
+        )
+    return routes
