@@ -11,8 +11,10 @@ Redis costs a strategy at most about a second and raises :class:`NotifierUnavail
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,6 +57,12 @@ def _build_event(
     ts: float | str | None,
     extra: Mapping[str, Any],
 ) -> Event:
+    unknown = set(extra) - OPTIONAL_FIELDS
+    if unknown:
+        raise TypeError(
+            f"unknown event field(s) {', '.join(sorted(unknown))}; known optional fields: "
+            f"{', '.join(sorted(OPTIONAL_FIELDS))}"
+        )
     fields: dict[str, Any] = {
         "id": id or new_event_id(),
         "ts": time.time() if ts is None else ts,
@@ -68,6 +76,31 @@ def _build_event(
         **extra,
     }
     return event_from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+# Optional fields passed as keyword arguments: dedup_key="...", dedup_window_s=300, expires_s=60
+OPTIONAL_FIELDS = frozenset({"dedup_key", "dedup_window_s", "expires_s"})
+
+
+def _error_fields(
+    strategy: str, error: BaseException | str, dedup_window_s: float | None
+) -> dict[str, Any]:
+    """An exception (or text) as an error event that repeats collapse into one mail."""
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        text = f"{name}: {error}" if str(error) else name
+        body = "".join(traceback.format_exception(error))[-8000:]
+    else:
+        name, text, body = "error", str(error), None
+    first_line = " ".join(text.split())[:200]
+    key = hashlib.sha256(f"{strategy}|{first_line}".encode()).hexdigest()[:24]
+    fields: dict[str, Any] = {
+        "subject": f"[ERROR] {first_line} · {strategy}"[:256], "body": body,
+        "strategy": strategy, "kind": "error", "dedup_key": f"error:{strategy}:{key}",
+    }  # fmt: skip
+    if dedup_window_s is not None:
+        fields["dedup_window_s"] = dedup_window_s
+    return fields
 
 
 def _wire(event: Event) -> tuple[str, str]:
@@ -166,6 +199,23 @@ class Notifier:
             kind="signal", severity=severity, to=to,
         )  # fmt: skip
 
+    def error(
+        self,
+        strategy: str,
+        error: BaseException | str,
+        /,
+        *,
+        severity: Severity = "critical",
+        dedup_window_s: float | None = 300.0,
+        to: Sequence[str] | None = None,
+    ) -> str:
+        """An exception (with its traceback) or error text. Repeats of the same error from
+        the same strategy within ``dedup_window_s`` become one mail; the next one after the
+        window says how many were suppressed."""
+        fields = _error_fields(strategy, error, dedup_window_s)
+        subject = fields.pop("subject")
+        return self.send(subject, severity=severity, to=to, **fields)
+
     def close(self) -> None:
         self._redis.close()
 
@@ -244,6 +294,20 @@ class AsyncNotifier:
             body=body, data=_signal_data(symbol, side, price, qty, extra), strategy=strategy,
             kind="signal", severity=severity, to=to,
         )  # fmt: skip
+
+    async def error(
+        self,
+        strategy: str,
+        error: BaseException | str,
+        /,
+        *,
+        severity: Severity = "critical",
+        dedup_window_s: float | None = 300.0,
+        to: Sequence[str] | None = None,
+    ) -> str:
+        fields = _error_fields(strategy, error, dedup_window_s)
+        subject = fields.pop("subject")
+        return await self.send(subject, severity=severity, to=to, **fields)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -214,16 +214,29 @@ async def _check() -> int:
         ok = False
     finally:
         await q.redis.aclose()
-    conn = Connection(s, tls_context(s) if s.smtp_tls != "none" else None)
-    try:
-        t = await conn.open()
-        login = f", login {t.login * 1000:.0f} ms as {s.smtp_username}" if s.smtp_username else ""
-        print(f"smtp       ok: connect {t.tcp * 1000:.0f} ms, TLS {t.tls * 1000:.0f} ms{login}")
-    except SendError as exc:
-        print(f"smtp       FAIL ({exc.category}): {exc}")
-        ok = False
-    finally:
-        await conn.close()
+    if s.routes is not None:
+        r = s.routes
+        print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}"
+              + (f", default to {','.join(r.default.to)}" if r.default else ""))  # fmt: skip
+    accounts = s.accounts()
+    for i, acc in enumerate(accounts):
+        label = f"smtp {acc.smtp_account_name}" if len(accounts) > 1 else "smtp"
+        where = f"{acc.smtp_host}:{acc.smtp_port} ({acc.smtp_tls})"
+        if i:
+            where += f", failover {i}"
+        conn = Connection(acc, tls_context(acc) if acc.smtp_tls != "none" else None)
+        try:
+            t = await conn.open()
+            login = (f", login {t.login * 1000:.0f} ms as {acc.smtp_username}"
+                     if acc.smtp_username else "")  # fmt: skip
+            rate = f", limit {acc.smtp_rate_per_minute}/min" if acc.smtp_rate_per_minute else ""
+            print(f"{label:<10} ok: {where}: connect {t.tcp * 1000:.0f} ms, "
+                  f"TLS {t.tls * 1000:.0f} ms{login}{rate}")  # fmt: skip
+        except SendError as exc:
+            print(f"{label:<10} FAIL ({exc.category}) {where}: {exc}")
+            ok = False
+        finally:
+            await conn.close()
     return 0 if ok else 1
 
 
@@ -332,9 +345,24 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
         "queue_wait_p95_s": clean(waits.p95),
         "smtp_p95_s": clean(smtp.p95),
         "workers": {w: (info is not None) for w, info in workers.items()},
+        "accounts": _accounts_view(workers),
         "paused": json.loads(paused) if paused else None,
         "lifetime": await q.counters(),
     }
+
+
+def _accounts_view(workers: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """Each SMTP account's state as the live workers see it (the worst state wins)."""
+    rank = {"ok": 0, "throttled": 1, "down": 2, "paused": 3}
+    out: dict[str, dict[str, Any]] = {}
+    for info in workers.values():
+        for name, acc in ((info or {}).get("accounts") or {}).items():
+            cur = out.get(name)
+            if cur is None or rank.get(str(acc.get("state")), 0) > rank.get(
+                str(cur.get("state")), 0
+            ):
+                out[name] = acc
+    return out
 
 
 def _print_stats(st: dict[str, Any]) -> None:
@@ -351,6 +379,9 @@ def _print_stats(st: dict[str, Any]) -> None:
         print("latency: no deliveries in the window")
     alive = [w for w, up in st["workers"].items() if up]
     print(f"workers: {len(alive)} alive" + (f" ({', '.join(alive)})" if alive else ""))
+    for name, acc in st["accounts"].items():
+        extra = f": {acc['reason']}" if acc.get("reason") else ""
+        print(f"account {name}: {acc['state']}{extra}")
     if st["paused"]:
         print(f"PAUSED by {st['paused'].get('worker')}: {st['paused'].get('reason')}")
 
