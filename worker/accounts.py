@@ -35,6 +35,7 @@ class Account:
         self.name = settings.smtp_account_name
         self.mailer = Mailer(settings)
         self.per_minute = settings.smtp_rate_per_minute or 0
+        self.window_s = settings.smtp_rate_window_s
         self.sender = settings.mail_from or ""
         self.from_address = parseaddr(self.sender)[1]
         self.state = "ok"

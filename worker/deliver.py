@@ -137,10 +137,14 @@ class Deliverer:
             subject = f"{delayed_prefix(late, s.locale)} {subject}"
         errors: list[tuple[Account, SendError]] = []
         for account in self._candidates():
-            if account.per_minute and ev.digest:
+            if account.per_minute:
+                # critical events, and routes with digest = false, are never held: they
+                # still take a slot, so the limit sees every mail the account sends
                 wait = await self._redis(
                     partial(self.queue.rate_acquire, account.name, account.per_minute,
-                            force=ev.event.severity == "critical"), "rate",
+                            force=ev.event.severity == "critical" or not ev.digest,
+                            window_s=account.window_s),
+                    "rate",
                 )  # fmt: skip
                 if wait > 0:
                     await self._hold([ev], account, wait)
@@ -384,7 +388,8 @@ class Deliverer:
             await self._hold(evs, account, max(0.5, account.retry_at() - time.monotonic()))
             return
         wait = await self._redis(
-            partial(self.queue.rate_acquire, account.name, account.per_minute), "rate"
+            partial(self.queue.rate_acquire, account.name, account.per_minute,
+                    window_s=account.window_s), "rate",
         ) if account.per_minute else 0.0  # fmt: skip
         if wait > 0:
             await self._hold(evs, account, wait)

@@ -328,14 +328,21 @@ class Queue:
 
     # ------------------------------------------------------------------ trading fit
     async def rate_acquire(
-        self, account: str, per_minute: int, *, force: bool = False, now: float | None = None
+        self,
+        account: str,
+        per_minute: int,
+        *,
+        force: bool = False,
+        now: float | None = None,
+        window_s: float = 60.0,
     ) -> float:
-        """Take a send slot of ``account``: 0.0 when allowed, else seconds until one frees."""
+        """Take a send slot of ``account`` (at most ``per_minute`` sends in any ``window_s``
+        seconds): 0.0 when allowed, else the seconds until a slot frees."""
         now = time.time() if now is None else now
         member = f"{now:.6f}:{self.worker_id}:{time.perf_counter_ns()}"
         res = await self._rate(
             keys=[self.keys.rate(account)],
-            args=[now, 60, per_minute, member, "1" if force else "0"],
+            args=[now, window_s, per_minute, member, "1" if force else "0"],
         )
         return float(_s(cast(bytes, res)))
 

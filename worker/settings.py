@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     smtp_esmtp_mode: Literal["auto", "chunking", "pipelining", "sequential"] = "auto"
     # Messages per minute this account may send (None: the provider preset's; 0: no limit).
     smtp_rate_per_minute: Annotated[int, Field(ge=0)] | None = None
+    # The limit's window: RATE_PER_MINUTE sends in any RATE_WINDOW_S seconds (60 = per minute).
+    smtp_rate_window_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     smtp_account_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
     # Failover accounts in priority order (TOML, see README "Failover accounts").
     accounts_file: Path | None = None
@@ -264,6 +266,7 @@ _ACCOUNT_FIELDS = {
     "password_file": "smtp_password_file", "validate_certs": "smtp_validate_certs",
     "ca_file": "smtp_ca_file", "rate_per_minute": "smtp_rate_per_minute",
     "mail_from": "mail_from", "name": "smtp_account_name", "timeout_s": "smtp_timeout_s",
+    "rate_window_s": "smtp_rate_window_s",
 }  # fmt: skip
 
 
