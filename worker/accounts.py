@@ -1,8 +1,8 @@
 """SMTP accounts in priority order (the primary, then failover accounts) and their state.
 
 An account is *ok*, *throttled* (the provider said "too fast"/quota: cool down, from
-``THROTTLE_BASE_S`` doubling), *down* (cannot connect or the connection broke: cool down from
-2 s doubling to 30 s) or *paused* (a configuration error: login refused, TLS failure; see
+``THROTTLE_BASE_S`` doubling), *down* (cannot connect or the connection broke: cool down with the retry back-off,
+``RETRY_BASE_S`` doubling, at most 30 s) or *paused* (a configuration error: login refused, TLS failure; see
 :class:`worker.mailer.Mailer`). New sends go to the first account that is available; when a
 cool-down or pause ends, the next send tries the account again, so traffic returns to the
 primary by itself once it recovers.
@@ -24,7 +24,6 @@ __all__ = ["Account"]
 
 logger = logging.getLogger(__name__)
 
-DOWN_BASE_S = 2.0
 DOWN_MAX_S = 30.0  # probe a down server at least this often: alerts cannot wait long
 
 
@@ -77,7 +76,8 @@ class Account:
         if isinstance(err, TransientError) and err.code is None:
             # no reply at all: cannot connect, disconnected, timed out -> the account is down
             self._failures += 1
-            delay = backoff(self._failures, base=DOWN_BASE_S, cap=DOWN_MAX_S, jitter=False)
+            delay = backoff(self._failures, base=self.settings.retry_base_s,
+                            cap=min(DOWN_MAX_S, self.settings.retry_max_s))  # fmt: skip
             self.cooldown_until = time.monotonic() + delay
             self._set("down", f"{err} (retrying in {delay:.0f} s)")
 

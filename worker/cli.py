@@ -475,7 +475,9 @@ def _replay_text(letter: dict[str, Any]) -> str | None:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
-    if args.dead_command == "purge" and not args.yes and sys.stdin.isatty():
+    if args.dead_command == "purge" and not args.yes:
+        if not sys.stdin.isatty():
+            raise CommandError("refusing to purge without a terminal to confirm: add --yes", 2)
         answer = input("delete every dead letter? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             return 1
