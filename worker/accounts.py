@@ -24,6 +24,7 @@ __all__ = ["Account"]
 
 logger = logging.getLogger(__name__)
 
+DOWN_BASE_S = 1.0  # first cool-down step (or RETRY_BASE_S when smaller)
 DOWN_MAX_S = 30.0  # probe a down server at least this often: alerts cannot wait long
 
 
@@ -66,20 +67,27 @@ class Account:
             self.mailer.pause(err)
             self._set("paused", str(err))
             return
+        now = time.monotonic()
+        if now < self.cooldown_until and isinstance(err, ThrottledError | TransientError):
+            # The lanes that fail together are one incident: only a failure after the
+            # cool-down (a failed probe) makes it longer.
+            if isinstance(err, ThrottledError) and self.state != "throttled":
+                self._set("throttled", str(err))
+            return
         if isinstance(err, ThrottledError):
             self._failures += 1
             delay = backoff(self._failures, base=self.settings.throttle_base_s,
                             cap=max(self.settings.retry_max_s, self.settings.throttle_base_s))  # fmt: skip
-            self.cooldown_until = time.monotonic() + delay
+            self.cooldown_until = now + delay
             self._set("throttled", f"{err} (cooling down {delay:.0f} s)")
             return
         if isinstance(err, TransientError) and err.code is None:
             # no reply at all: cannot connect, disconnected, timed out -> the account is down
             self._failures += 1
-            delay = backoff(self._failures, base=self.settings.retry_base_s,
+            delay = backoff(self._failures, base=min(DOWN_BASE_S, self.settings.retry_base_s),
                             cap=min(DOWN_MAX_S, self.settings.retry_max_s))  # fmt: skip
-            self.cooldown_until = time.monotonic() + delay
-            self._set("down", f"{err} (retrying in {delay:.0f} s)")
+            self.cooldown_until = now + delay
+            self._set("down", f"{err} (retrying in {delay:.1f} s)")
 
     def succeeded(self) -> None:
         if self.state != "ok" or self.mailer.paused:

@@ -396,7 +396,14 @@ class Mailer:
         return self.paused_reason is not None
 
     def pause(self, err: SendError) -> float:
-        """Pause all lanes after a configuration error; returns the pause length."""
+        """Pause all lanes after a configuration error; returns the pause length.
+
+        The lanes that fail together (a bad password fails every login at once) are one
+        incident: only a failure after the pause has run out (a failed probe) doubles it."""
+        remaining = self.pause_remaining()
+        if remaining > 0:
+            self.paused_reason = str(err)
+            return remaining
         self._pause_s = min(self.PAUSE_MAX_S, max(self.PAUSE_MIN_S, self._pause_s * 2))
         self._paused_until = time.monotonic() + self._pause_s
         first = self.paused_reason is None
