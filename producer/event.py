@@ -104,6 +104,7 @@ class Meta(BaseModel):
     last_error: StrictStr | None = None
     first_seen: StrictFloat | StrictInt | None = None
     replayed: StrictBool = False
+    note: StrictStr | None = None  # "repeated 37× in 5 min", kept for the retries of that mail
 
 
 class Event(BaseModel):

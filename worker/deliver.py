@@ -131,6 +131,8 @@ class Deliverer:
                 return
             if count:
                 notes.append(repeated_note(count, since, now, s.locale))
+        if not notes and ev.event.meta is not None and ev.event.meta.note:
+            notes.append(ev.event.meta.note)  # a retry of the mail that carries the note
         subject = render_subject(ev.event)
         late = now - ev.produced
         if late > s.late_after_s:
@@ -176,7 +178,7 @@ class Deliverer:
             account.succeeded()
             await self._delivered(ev, account, subject, time.perf_counter() - t0, timing)
             return
-        await self._all_failed(ev, subject, errors)
+        await self._all_failed(ev, subject, errors, notes)
 
     async def _prepare(self, raw: bytes, fetched_at: float) -> _Event | None:
         """Parse and validate; dead-letter what cannot be sent; drop a repeat of a sent id."""
@@ -269,8 +271,9 @@ class Deliverer:
         self._retried()
 
     async def _all_failed(
-        self, ev: _Event, subject: str, errors: list[tuple[Account, SendError]]
-    ) -> None:
+        self, ev: _Event, subject: str, errors: list[tuple[Account, SendError]],
+        notes: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         """No account took the event: requeue (all paused), or retry with back-off."""
         s = self.settings
         if not errors:
@@ -282,7 +285,7 @@ class Deliverer:
             wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
             reason = next((a.state for a in self.accounts if a.state != "ok"), "throttled")
             err: SendError = ThrottledError(f"every SMTP account is {reason}")
-            await self._retry(ev, subject, err, "throttled", counts=False, delay=wait)
+            await self._retry(ev, subject, err, "throttled", counts=False, delay=wait, notes=notes)
             return
         kinds = [e for _, e in errors]
         if all(isinstance(e, ConfigurationError) for e in kinds):
@@ -302,11 +305,11 @@ class Deliverer:
                              f"gave up after {attempts} attempts; last error: {err}", attempts)  # fmt: skip
             return
         await self._retry(ev, subject, err, "throttled" if throttled else "transient",
-                          counts=not throttled)  # fmt: skip
+                          counts=not throttled, notes=notes)  # fmt: skip
 
     async def _retry(
         self, ev: _Event, subject: str, err: SendError, reason: str, *, counts: bool,
-        delay: float | None = None,
+        delay: float | None = None, notes: Sequence[str] = (),
     ) -> None:  # fmt: skip
         s = self.settings
         attempts = ev.event.attempts + (1 if counts else 0)
@@ -324,7 +327,8 @@ class Deliverer:
                 return
         due = time.time() + delay
         again = ev.event.with_meta(attempts=attempts, last_error=str(err)[:500],
-                                   first_seen=ev.first_seen).to_json()  # fmt: skip
+                                   first_seen=ev.first_seen,
+                                   note=notes[0] if notes else None).to_json()  # fmt: skip
         record = {"t": round(time.time(), 3), "o": "retry", "id": ev.id, "reason": reason}
         await self._redis(partial(self.queue.retry, ev.raw, again, due, record), "retry")
         self._retried()
@@ -378,45 +382,65 @@ class Deliverer:
         evs: list[_Event] = []
         for raw in raws:
             ev = await self._prepare(raw, fetched_at)  # dead-letters or drops what it must
-            if ev is not None:
-                evs.append(ev)
+            if ev is None:
+                continue
+            if ev.event.expires_s is not None and fetched_at > ev.produced + ev.event.expires_s:
+                await self._bury(ev.raw, ev.event, "expired",
+                                 f"could not be delivered within expires_s={ev.event.expires_s:g} "
+                                 "(held for a digest: rate limit reached)", ev.event.attempts)  # fmt: skip
+                continue
+            evs.append(ev)
         if not evs:
             return
-        name = group.rsplit(".", 1)[0]
-        account = self.by_name.get(name, self.accounts[0])
-        if not account.available():
-            await self._hold(evs, account, max(0.5, account.retry_at() - time.monotonic()))
-            return
-        wait = await self._redis(
-            partial(self.queue.rate_acquire, account.name, account.per_minute,
-                    window_s=account.window_s), "rate",
-        ) if account.per_minute else 0.0  # fmt: skip
-        if wait > 0:
-            await self._hold(evs, account, wait)
-            return
+        home = self.by_name.get(group.rsplit(".", 1)[0], self.accounts[0])
         recipients = evs[0].recipients
-        msg = self.composer.compose_digest(
-            [(e.id, e.event) for e in evs], recipients=recipients, sender=account.sender or None,
-            reason=f"{account.name}: rate limit {account.per_minute}/min reached",
-        )  # fmt: skip
-        conn = account.mailer.connections[lane % len(account.mailer.connections)]
-        t0 = time.perf_counter()
-        try:
-            _result, timing = await conn.send(account.from_address, recipients, message_bytes(msg))
-        except Exception as exc:
-            err = classify(exc, account.settings.smtp_provider)
-            account.failed(err)
-            if isinstance(err, PermanentError):
-                for e in evs:
-                    await self._bury(e.raw, e.event, "permanent",
-                                     f"digest refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
-                return
-            delay = max(1.0, account.retry_at() - time.monotonic(),
+        # The group's own account first, then the others in priority order (failover): a
+        # digest is a new send like any other and must not wait for a down/paused account.
+        candidates = [a for a in dict.fromkeys((home, *self.accounts)) if a.available()]
+        sent = None
+        for account in candidates:
+            if account.per_minute:
+                wait = await self._redis(
+                    partial(self.queue.rate_acquire, account.name, account.per_minute,
+                            window_s=account.window_s), "rate",
+                )  # fmt: skip
+                if wait > 0:
+                    if account is home:  # its own limit: wait for its next slot
+                        await self._hold(evs, home, wait)
+                        return
+                    continue
+            msg = self.composer.compose_digest(
+                [(e.id, e.event) for e in evs], recipients=recipients,
+                sender=account.sender or None,
+                reason=f"{home.name}: rate limit {home.per_minute}/min reached",
+            )  # fmt: skip
+            conn = account.mailer.connections[lane % len(account.mailer.connections)]
+            t0 = time.perf_counter()
+            try:
+                _result, timing = await conn.send(account.from_address, recipients,
+                                                  message_bytes(msg))  # fmt: skip
+            except Exception as exc:
+                err = classify(exc, account.settings.smtp_provider)
+                account.failed(err)
+                if isinstance(err, PermanentError):
+                    for e in evs:
+                        await self._bury(e.raw, e.event, "permanent",
+                                         f"digest refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
+                    return
+                logger.warning(
+                    "digest of %d event(s) failed on %s (%s)", len(evs), account.name, err
+                )
+                continue
+            sent = account
+            break
+        if sent is None:
+            delay = max(1.0, min(a.retry_at() for a in self.accounts) - time.monotonic(),
                         backoff(1, base=self.settings.retry_base_s, cap=self.settings.retry_max_s))  # fmt: skip
-            logger.warning("digest of %d event(s) failed (%s): held again for %.1f s",
-                           len(evs), err, delay)  # fmt: skip
-            await self._hold(evs, account, delay)
+            logger.warning("digest of %d event(s): no account took it, held again for %.1f s",
+                           len(evs), delay)  # fmt: skip
+            await self._hold(evs, home, delay)
             return
+        account = sent
         account.succeeded()
         smtp_s = time.perf_counter() - t0
         done = time.time()

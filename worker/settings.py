@@ -296,6 +296,8 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
             raise ValueError(f"NOTIFIER_ACCOUNTS_FILE={path}: two accounts named {name!r}")
         names.add(name)
         fields = base.model_dump(exclude={"accounts_file", "routes_file"})
+        # explicit None: left out, they would be read again from NOTIFIER_* in the environment
+        fields["accounts_file"] = fields["routes_file"] = None
         for key in ("smtp_host", "smtp_port", "smtp_tls", "smtp_username", "smtp_password",
                     "smtp_password_file", "smtp_rate_per_minute", "smtp_provider"):  # fmt: skip
             fields[key] = None
