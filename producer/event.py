@@ -44,6 +44,7 @@ __all__ = [
     "InvalidEvent",
     "Meta",
     "Severity",
+    "check_addresses",
     "new_event_id",
     "parse_event",
     "valid_address",
@@ -82,6 +83,14 @@ class InvalidEvent(ValueError):
 def valid_address(address: str) -> bool:
     """True for a plain ASCII ``local@domain`` address (no display name, no brackets)."""
     return len(address) <= 254 and _ADDRESS.fullmatch(address) is not None
+
+
+def check_addresses(addresses: list[str]) -> list[str]:
+    """Lower-cased addresses; ValueError naming the first that is not a plain address."""
+    for address in addresses:
+        if not valid_address(address):
+            raise ValueError(f"{address[:80]!r} is not a plain address like name@example.com")
+    return [a.lower() for a in addresses]
 
 
 def new_event_id() -> str:
@@ -224,10 +233,7 @@ class Event(BaseModel):
     def _to(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return None
-        for address in v:
-            if not valid_address(address):
-                raise ValueError(f"{address[:80]!r} is not a plain address like name@example.com")
-        return list(dict.fromkeys(a.lower() for a in v))
+        return list(dict.fromkeys(check_addresses(v)))
 
     @model_validator(mode="after")
     def _has_content(self) -> Self:

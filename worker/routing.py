@@ -32,7 +32,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from producer.event import Event, Severity, valid_address
+from producer.event import Event, Severity, check_addresses
 
 __all__ = ["Route", "Routes", "load_routes"]
 
@@ -59,10 +59,7 @@ class Route(BaseModel):
     @field_validator("to")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if not valid_address(a):
-                raise ValueError(f"{a!r} is not a plain address like name@example.com")
-        return [a.lower() for a in v]
+        return check_addresses(v)
 
     def matches(self, event: Event) -> bool:
         return (

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from producer.event import valid_address
+from producer.event import check_addresses, valid_address
 
 from .errors import NotifierError
 
@@ -143,10 +143,7 @@ class Settings(BaseSettings):
     @field_validator("mail_to", "allowed_recipients")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
-        for address in v:
-            if not valid_address(address):
-                raise ValueError(f"{address!r} is not a plain address like name@example.com")
-        return [a.lower() for a in v]
+        return check_addresses(v)
 
     @field_validator("mail_from")
     @classmethod
