@@ -35,7 +35,7 @@ from .deliver import Deliverer, Outcome
 from .errors import ConfigurationError, SendError
 from .metrics import Metrics
 from .queue import Queue, connect
-from .sdnotify import ProgressMonitor, SystemdNotifier
+from .sdnotify import ProgressMonitor, SystemdNotifier, watchdog_interval
 from .settings import Settings
 
 __all__ = ["Outcome", "Worker", "run"]
@@ -89,6 +89,10 @@ class Worker:
         )  # fmt: skip
         self.monitor = ProgressMonitor()
         self.systemd = SystemdNotifier()
+        # Every loop must show progress well within systemd's watchdog interval: no wait in
+        # a loop is longer than a quarter of it (nor than 1 s).
+        watchdog = watchdog_interval()
+        self._tick = min(1.0, watchdog / 4) if watchdog else 1.0
         self.started_at = time.time()
         self._work: asyncio.Queue[_EventJob | _DigestJob | None] = asyncio.Queue()
         self._free = asyncio.Semaphore(settings.concurrency)
@@ -304,7 +308,7 @@ class Worker:
                         self.stop()
                         return
                     one = await self._redis(
-                        partial(self.queue.fetch_blocking, self._blocking_redis, 1.0),
+                        partial(self.queue.fetch_blocking, self._blocking_redis, self._tick),
                         "fetch", "fetch",
                     )  # fmt: skip
                     items = [one] if one is not None else []
@@ -384,7 +388,7 @@ class Worker:
                 logger.debug("scheduler: %d retry(ies) due, back in the queue", moved)
                 continue
             nxt = await self._redis(self.queue.next_due, "schedule", "scheduler")
-            wait = 1.0 if nxt is None else min(1.0, max(0.0, nxt - time.time()))
+            wait = self._tick if nxt is None else min(self._tick, max(0.0, nxt - time.time()))
             self._retry_added.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retry_added.wait(), timeout=wait)
@@ -394,7 +398,7 @@ class Worker:
         while True:
             nxt = await self._redis(self.queue.next_digest_due, "digests")
             if nxt is None or nxt > time.time():
-                wait = 1.0 if nxt is None else min(1.0, max(0.01, nxt - time.time()))
+                wait = self._tick if nxt is None else min(self._tick, max(0.01, nxt - time.time()))
                 await asyncio.sleep(wait)
                 continue
             await self._free.acquire()
@@ -409,7 +413,7 @@ class Worker:
             self._work.put_nowait(_DigestJob(*taken))
 
     async def _keeper_loop(self) -> None:
-        period = max(0.5, self.settings.heartbeat_ttl_s / 4)
+        period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
         while True:
             self.monitor.beat("keeper")
             if self._inflight == 0:
