@@ -11,6 +11,7 @@ key                         type         holds
 ``<p>:retry``               sorted set   events waiting for a retry, scored by due time
 ``<p>:dead``                list         dead letters (JSON: event text, reason, error, ...)
 ``<p>:sent:<id>``           string       "delivered" mark with a TTL: a repeat id is a no-op
+``<p>:sending:<id>``        string       claim of the process sending that id right now
 ``<p>:workers``             set          worker ids that own a processing list
 ``<p>:worker:<wid>``        string       heartbeat (JSON info) with a short TTL
 ``<p>:deliveries``          list         capped record of recent outcomes for ``stats``
@@ -88,3 +89,6 @@ class Keys:
 
     def sent(self, event_id: str) -> str:
         return self._k("sent", event_id)
+
+    def sending(self, event_id: str) -> str:
+        return self._k("sending", event_id)

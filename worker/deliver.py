@@ -34,6 +34,7 @@ __all__ = ["Deliverer", "Outcome"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_DEAD_TEXT = 1024 * 1024  # keep at most this much of a rejected event's text
+IN_FLIGHT_RECHECK_S = 1.0
 Guard = Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]
 
 
@@ -122,7 +123,7 @@ class Deliverer:
             )
             if suppressed:
                 record = {"t": round(now, 3), "o": "suppressed", "id": ev.id}
-                await self._redis(partial(self.queue.suppressed, ev.raw, record), "ack")
+                await self._redis(partial(self.queue.suppressed, ev.raw, record, ev.id), "ack")
                 self.metrics.suppressed.inc()
                 self._count("suppressed")
                 logger.info("suppressed %s: repeat %d of %r in its window", ev.id, count,
@@ -185,7 +186,7 @@ class Deliverer:
         try:
             event = parse_event(raw)
         except InvalidEvent as exc:
-            await self._bury(raw, None, "invalid", exc.reason, attempts=0)
+            await self._bury(raw, None, "invalid", exc.reason, attempts=0, claimed=False)
             return None
         event_id = event.id or new_event_id()
         if event.id is None:
@@ -198,17 +199,32 @@ class Deliverer:
             if outside:
                 await self._bury(raw, event, "invalid",
                                  f"recipient(s) {', '.join(outside[:5])} not allowed: add them to "
-                                 "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO", event.attempts)  # fmt: skip
+                                 "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO", event.attempts,
+                                 claimed=False)  # fmt: skip
                 return None
             recipients = list(event.to)
         elif route is not None:
             recipients = list(route.to)
         else:
             recipients = list(self.settings.mail_to)
-        if (await self._redis(partial(self.queue.sent_marks, [event_id]), "dedup"))[0]:
+        state = await self._redis(partial(self.queue.claim, event_id), "claim")
+        if state == "sent":
             await self._redis(partial(self.queue.skip_duplicate, raw), "ack")
             logger.info("duplicate %s: already delivered, dropped", event_id)
             self._emit(Outcome("duplicate", event_id))
+            return None
+        if state == "busy":
+            # Another copy of this id is being sent right now (a producer re-sent it): look
+            # again in a moment; by then it is delivered (dropped as a duplicate) or not.
+            due = time.time() + IN_FLIGHT_RECHECK_S
+            record = {"t": round(time.time(), 3), "o": "retry", "id": event_id,
+                      "reason": "in-flight"}  # fmt: skip
+            await self._redis(
+                partial(self.queue.retry, raw, raw.decode("utf-8"), due, record), "retry"
+            )
+            self._retried()
+            logger.info("event %s is being sent by another lane: checking again in %.0f s",
+                        event_id, IN_FLIGHT_RECHECK_S)  # fmt: skip
             return None
         window = event.dedup_window_s or (route.dedup_window_s if route else None)
         return _Event(
@@ -279,7 +295,7 @@ class Deliverer:
         if not errors:
             # every account is cooling down or paused: wait for the first to be usable
             if all(a.paused for a in self.accounts):
-                await self._redis(partial(self.queue.requeue, ev.raw), "requeue")
+                await self._redis(partial(self.queue.requeue, ev.raw, ev.id), "requeue")
                 self._emit(Outcome("requeued", ev.id, subject, reason="configuration"))
                 return
             wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
@@ -289,7 +305,7 @@ class Deliverer:
             return
         kinds = [e for _, e in errors]
         if all(isinstance(e, ConfigurationError) for e in kinds):
-            await self._redis(partial(self.queue.requeue, ev.raw), "requeue")
+            await self._redis(partial(self.queue.requeue, ev.raw, ev.id), "requeue")
             reason_text = str(kinds[0])
             await self._redis(partial(self.queue.set_paused, reason_text), "pause")
             self.metrics.paused.set(1 if all(a.paused for a in self.accounts) else 0)
@@ -330,7 +346,7 @@ class Deliverer:
                                    first_seen=ev.first_seen,
                                    note=notes[0] if notes else None).to_json()  # fmt: skip
         record = {"t": round(time.time(), 3), "o": "retry", "id": ev.id, "reason": reason}
-        await self._redis(partial(self.queue.retry, ev.raw, again, due, record), "retry")
+        await self._redis(partial(self.queue.retry, ev.raw, again, due, record, ev.id), "retry")
         self._retried()
         self.metrics.retried.labels(reason).inc()
         self._count("retry")
@@ -344,8 +360,9 @@ class Deliverer:
             self._on_retry()
 
     async def _bury(
-        self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int
-    ) -> None:
+        self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int,
+        claimed: bool = True,
+    ) -> None:  # fmt: skip
         event_id = event.id if event and event.id else ""
         letter: dict[str, Any] = {
             "event": _text(raw), "id": event_id, "reason": reason, "error": error,
@@ -355,7 +372,8 @@ class Deliverer:
             letter["event_bytes"] = len(raw)
             letter["event_truncated"] = True
         record = {"t": round(time.time(), 3), "o": "dead", "id": event_id, "reason": reason}
-        await self._redis(partial(self.queue.bury, raw, letter, record), "dead")
+        claim = event_id if claimed and event_id else None
+        await self._redis(partial(self.queue.bury, raw, letter, record, claim), "dead")
         self.metrics.dead.labels(reason).inc()
         self._count("dead")
         logger.error("dead letter %s (%s): %s", event_id or "<no id>", reason, error)
@@ -370,6 +388,7 @@ class Deliverer:
         group = self._group(account, evs[0].recipients)
         due = time.time() + wait
         await self._redis(partial(self.queue.hold, group, [e.raw for e in evs], due), "hold")
+        await self._redis(partial(self.queue.release, [e.id for e in evs]), "hold")
         self._count("held")
         logger.info("rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s",
                     account.name, account.per_minute, len(evs), wait)  # fmt: skip

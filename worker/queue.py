@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -146,6 +147,26 @@ return items
 """
 
 
+# Claim an event id before sending it, so that two copies of one id (a producer that re-sent
+# after its timeout, fetched together on two lanes or by two workers) are never sent at once.
+# 'sent': already delivered; 'busy': a live process holds the claim; 'claimed': ours now.
+# A claim whose owner's heartbeat is gone (or belongs to another run of it) is taken over.
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'sent' end
+local cur = redis.call('GET', KEYS[2])
+if cur then
+  if cur == ARGV[1] then return 'busy' end
+  local sep = string.find(cur, '|', 1, true)
+  if sep then
+    local hb = redis.call('GET', ARGV[2] .. ':worker:' .. string.sub(cur, 1, sep - 1))
+    if hb and string.find(hb, string.sub(cur, sep + 1), 1, true) then return 'busy' end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+return 'claimed'
+"""
+
+
 def _v(value: object) -> Any:
     """redis-py's stubs say str where bytes are fine (and needed: events are raw bytes)."""
     return value
@@ -194,6 +215,11 @@ class Queue:
         self.sent_ttl_s = sent_ttl_s
         self.deliveries_kept = deliveries_kept
         self.heartbeat_ttl_ms = int(heartbeat_ttl_s * 1000)
+        # "<worker id>|<nonce of this run>": claims of an earlier run are not ours
+        self.nonce = uuid.uuid4().hex[:16]
+        self.owner = f"{worker_id}|{self.nonce}"
+        self.claim_ttl_ms = 15 * 60 * 1000
+        self._claim = redis.register_script(CLAIM)
         self._fetch_many = redis.register_script(FETCH_MANY)
         self._schedule = redis.register_script(SCHEDULE)
         self._recover = redis.register_script(RECOVER)
@@ -248,6 +274,22 @@ class Queue:
         res = await self.redis.mget([self.keys.sent(i) for i in ids])
         return [v is not None for v in res]
 
+    async def claim(self, event_id: str) -> str:
+        """'claimed' (send it, then settle with ``claim=event_id``), 'sent' or 'busy'."""
+        res = await self._claim(
+            keys=[self.keys.sent(event_id), self.keys.sending(event_id)],
+            args=[self.owner, self.keys.prefix, self.claim_ttl_ms],
+        )
+        return _s(cast(bytes, res))
+
+    def _release(self, pipe: Any, claim: str | None) -> None:
+        if claim is not None:
+            pipe.delete(self.keys.sending(claim))
+
+    async def release(self, claims: Sequence[str]) -> None:
+        if claims:
+            await self.redis.delete(*(self.keys.sending(c) for c in claims))
+
     # ------------------------------------------------------------------ settle
     def _record(self, pipe: Any, record: dict[str, Any], counter: str, *extra: str) -> None:
         pipe.lpush(self.keys.deliveries, json.dumps(record, separators=(",", ":")))
@@ -265,6 +307,7 @@ class Queue:
         for raw, event_id, record in items:
             pipe.lrem(self.processing, 1, _v(raw))
             pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+            self._release(pipe, event_id)
             self._record(pipe, record, "delivered")
         await pipe.execute()
 
@@ -275,18 +318,28 @@ class Queue:
         pipe.hincrby(self.keys.counters, "duplicates_skipped", 1)
         await pipe.execute()
 
-    async def retry(self, raw: bytes, again: str, due: float, record: dict[str, Any]) -> None:
+    async def retry(
+        self, raw: bytes, again: str, due: float, record: dict[str, Any], claim: str | None = None
+    ) -> None:
         """Wait for a retry: the updated event text goes into the retry set at its due time."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
+        self._release(pipe, claim)
         pipe.zadd(self.keys.retry, {again: due})
         self._record(pipe, record, "retried", f"retried:{record.get('reason', '')}")
         await pipe.execute()
 
-    async def bury(self, raw: bytes, dead_letter: dict[str, Any], record: dict[str, Any]) -> None:
+    async def bury(
+        self,
+        raw: bytes,
+        dead_letter: dict[str, Any],
+        record: dict[str, Any],
+        claim: str | None = None,
+    ) -> None:
         """Dead letter: processing -> dead, with the reason."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
+        self._release(pipe, claim)
         pipe.lpush(self.keys.dead, json.dumps(dead_letter, ensure_ascii=False))
         self._record(pipe, record, "dead", f"dead:{record.get('reason', '')}")
         await pipe.execute()
@@ -298,14 +351,16 @@ class Queue:
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
         pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+        self._release(pipe, event_id)
         pipe.zadd(self.keys.retry, {again: due})
         self._record(pipe, record, "delivered")
         await pipe.execute()
 
-    async def requeue(self, raw: bytes) -> None:
+    async def requeue(self, raw: bytes, claim: str | None = None) -> None:
         """Back to the front of the queue, unchanged (not an attempt)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
+        self._release(pipe, claim)
         pipe.rpush(self.keys.queue, raw)
         await pipe.execute()
 
@@ -360,10 +415,13 @@ class Queue:
         )
         return _s(res[0]) == "suppressed", int(_s(res[1])), float(_s(res[2]))
 
-    async def suppressed(self, raw: bytes, record: dict[str, Any]) -> None:
+    async def suppressed(
+        self, raw: bytes, record: dict[str, Any], claim: str | None = None
+    ) -> None:
         """A repeat inside its suppression window: drop it from processing, count it."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
+        self._release(pipe, claim)
         self._record(pipe, record, "suppressed")
         await pipe.execute()
 
@@ -400,6 +458,7 @@ class Queue:
         for raw, event_id in zip(raws, ids, strict=True):
             pipe.lrem(self.processing, 1, _v(raw))
             pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
+            self._release(pipe, event_id)
         self._record(pipe, record, "delivered")
         pipe.hincrby(self.keys.counters, "digested", len(raws))
         await pipe.execute()

@@ -450,7 +450,8 @@ class Worker:
 
     def _info(self) -> dict[str, Any]:
         return {
-            "pid": os.getpid(), "started": self.started_at, "lanes": self.settings.concurrency,
+            "pid": os.getpid(), "nonce": self.queue.nonce, "started": self.started_at,
+            "lanes": self.settings.concurrency,
             "sent": self.counts.get("sent", 0),
             "paused": self.accounts[0].mailer.paused_reason,
             "accounts": {a.name: a.describe() for a in self.accounts},

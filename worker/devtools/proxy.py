@@ -18,8 +18,12 @@ the client's): the client waited for the server once. ``round_trips`` is the tur
 per emulated handshake. A pipelined SMTP transaction (MAIL, RCPT, DATA written together; then
 the message) is 2 turns; one with ``BDAT ... LAST`` is 1.
 
-Timer resolution: asyncio wakes up on a 1 ms grid (epoll), so each one-way delay is the
-asked delay plus 0 to ~1 ms, never less.
+A side that half-closes (EOF) is closed entirely, after the delay; SMTP never half-closes.
+
+Timer resolution: an event loop on epoll (asyncio's default) rounds every wait up to the next
+millisecond, so each one-way delay is the asked delay plus 0 to ~1 ms. :func:`main` (and so
+:class:`ProxyProcess`) runs its loop on ``select()``, which waits to the microsecond: the
+delay is then exact to ~0.1 ms (timer slack and scheduling), never less than asked.
 
 :class:`ProxyProcess` runs the proxy in its own process (``python -m worker.devtools.proxy``),
 so that a benchmark's other threads cannot delay it through the GIL. It prints one JSON line
@@ -33,8 +37,10 @@ import asyncio
 import collections
 import contextlib
 import json
+import selectors
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import IO
@@ -45,6 +51,7 @@ HOST = "127.0.0.1"
 # Stop reading a side while this much of its data waits to be delivered (bounded memory).
 HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution  # asyncio's loop.time()
 
 
 @dataclass(slots=True)
@@ -114,7 +121,7 @@ class _Direction:
         if sink is None or self.closed:
             return
         # call_at() may run a callback up to one clock tick early.
-        now = self._loop.time() + self._loop._clock_resolution  # type: ignore[attr-defined]
+        now = self._loop.time() + _CLOCK_RESOLUTION
         while self._pending and self._pending[0][0] <= now:
             _, data = self._pending.popleft()
             if data is None:
@@ -436,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-ms", type=float, required=True)
     p.add_argument("--no-handshake", action="store_true", help="do not emulate the handshake")
     args = p.parse_args(argv)
-    asyncio.run(_serve(args))
+    # select() takes its timeout in microseconds; epoll (the default) in milliseconds.
+    with asyncio.Runner(
+        loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())
+    ) as runner:
+        runner.run(_serve(args))
     return 0
 
 
