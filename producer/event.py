@@ -62,9 +62,10 @@ Severity = Literal["info", "warning", "critical"]
 Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
 
 # Single-line fields: no control characters at all (CR/LF would let text become a header).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85\ud800-\udfff]")
 # Body text: lines and tabs are fine; other controls (NUL, ESC, ...) are not.
-_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# (and no lone surrogates anywhere: JSON can escape one, UTF-8 cannot carry it)
+_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _ADDRESS = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
@@ -100,7 +101,9 @@ def new_event_id() -> str:
 
 def _single_line(value: str, what: str) -> str:
     if _CONTROL.search(value):
-        raise ValueError(f"{what} must be a single line without control characters (CR, LF, ...)")
+        raise ValueError(
+            f"{what} must be a single line without control characters (CR, LF, ...) or unpaired surrogates"
+        )
     return value
 
 
@@ -178,6 +181,10 @@ class Event(BaseModel):
             raise ValueError("must be unix seconds or an ISO-8601 time")
         if not math.isfinite(ts) or ts < 0:
             raise ValueError("must be a finite, positive unix time")
+        if ts >= 1e11:
+            raise ValueError(
+                f"{ts:.0f} looks like milliseconds; send unix seconds (e.g. time.time())"
+            )
         return ts
 
     @field_validator("dedup_window_s", "expires_s", mode="before")
@@ -196,7 +203,10 @@ class Event(BaseModel):
     @classmethod
     def _body(cls, v: str | None) -> str | None:
         if v is not None and _BODY_CONTROL.search(v):
-            raise ValueError("must not contain control characters other than newline and tab")
+            raise ValueError(
+                "must not contain control characters (other than newline and tab) or unpaired"
+                " surrogates"
+            )
         return v
 
     @field_validator("data", mode="before")

@@ -124,7 +124,7 @@ def _queue(s: Settings) -> Queue:
 
 def _redis_error(s: Settings, exc: BaseException) -> CommandError:
     return CommandError(
-        f"Redis at {s.redis_url} unreachable ({exc}); start it or set NOTIFIER_REDIS_URL"
+        f"Redis at {s.redis_url_display} unreachable ({exc}); start it or set NOTIFIER_REDIS_URL"
     )
 
 
@@ -201,7 +201,7 @@ async def _check() -> int:
         await q.redis.ping()
         rtt = (time.perf_counter() - t0) * 1000
         d = await q.depths()
-        print(f"redis      ok: {s.redis_url} ({rtt:.1f} ms); queue {d.queue}, retry {d.retry}, "
+        print(f"redis      ok: {s.redis_url_display} ({rtt:.1f} ms); queue {d.queue}, retry {d.retry}, "
               f"dead {d.dead}, processing {d.processing}")  # fmt: skip
         for warning in await _redis_durability(q):
             print(f"redis      WARNING: {warning}")

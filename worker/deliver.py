@@ -22,7 +22,13 @@ from producer.event import Event, InvalidEvent, new_event_id, parse_event
 
 from .accounts import Account
 from .compose import Composer, delayed_prefix, render_subject, repeated_note
-from .errors import ConfigurationError, PermanentError, SendError, ThrottledError
+from .errors import (
+    ConfigurationError,
+    PermanentError,
+    SendError,
+    ThrottledError,
+    TransientError,
+)
 from .mailer import SendTiming, classify, message_bytes
 from .metrics import Metrics
 from .queue import Queue
@@ -299,9 +305,12 @@ class Deliverer:
                 self._emit(Outcome("requeued", ev.id, subject, reason="configuration"))
                 return
             wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
-            reason = next((a.state for a in self.accounts if a.state != "ok"), "throttled")
-            err: SendError = ThrottledError(f"every SMTP account is {reason}")
-            await self._retry(ev, subject, err, "throttled", counts=False, delay=wait, notes=notes)
+            states = sorted({a.state for a in self.accounts if a.state != "ok"}) or ["throttled"]
+            label = "throttled" if states == ["throttled"] else "transient"
+            err: SendError = (ThrottledError if label == "throttled" else TransientError)(
+                f"every SMTP account is {' or '.join(states)}"
+            )
+            await self._retry(ev, subject, err, label, counts=False, delay=wait, notes=notes)
             return
         kinds = [e for _, e in errors]
         if all(isinstance(e, ConfigurationError) for e in kinds):
@@ -463,8 +472,8 @@ class Deliverer:
         account.succeeded()
         smtp_s = time.perf_counter() - t0
         done = time.time()
-        subject = str(msg["Subject"])
-        record = {"t": round(done, 3), "o": "digest", "id": str(msg["Message-ID"]),
+        subject = msg.subject
+        record = {"t": round(done, 3), "o": "digest", "id": msg.message_id,
                   "n": len(evs), "s": round(smtp_s, 4), "m": timing.mode, "a": account.name}  # fmt: skip
         await self._redis(
             partial(self.queue.ack_digest, [e.raw for e in evs], [e.id for e in evs], record),

@@ -27,6 +27,7 @@ from email.message import EmailMessage
 import aiosmtplib
 from aiosmtplib.email import flatten_message
 
+from .compose import Mail
 from .errors import (
     ConfigurationError,
     PermanentError,
@@ -158,6 +159,18 @@ def classify(exc: BaseException, provider: str | None = None) -> SendError:
         if isinstance(err, PermanentError):
             return ConfigurationError(exc.message, code=exc.code, hint="the server refuses service")
         return err
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused | aiosmtplib.SMTPHeloError):
+        # The server refuses *us* (sender address, HELO), whatever the event: a 5xx here
+        # is our configuration, not the event's fault, and must not dead-letter events.
+        err = _classify_reply(exc.code, exc.message, provider)
+        if isinstance(err, PermanentError):
+            return ConfigurationError(
+                exc.message, code=exc.code,
+                hint="NOTIFIER_MAIL_FROM must be the account's own address (QQ/163 refuse "
+                "any other sender)" if isinstance(exc, aiosmtplib.SMTPSenderRefused)
+                else "the server refuses our HELO/EHLO",
+            )  # fmt: skip
+        return err
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _classify_reply(exc.code, exc.message, provider)
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
@@ -176,8 +189,10 @@ def classify(exc: BaseException, provider: str | None = None) -> SendError:
     return TransientError(f"{type(exc).__name__}: {exc}")
 
 
-def message_bytes(message: EmailMessage) -> bytes:
+def message_bytes(message: EmailMessage | Mail) -> bytes:
     """The message as sent: CRLF line ends, 7-bit safe (compose encodes non-ASCII), no Bcc."""
+    if isinstance(message, Mail):
+        return message.data
     return flatten_message(message, utf8=False, cte_type="7bit")
 
 

@@ -29,7 +29,14 @@ from producer.event import check_addresses, valid_address
 
 from .errors import NotifierError
 
-__all__ = ["PROVIDERS", "Provider", "Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "PROVIDERS",
+    "Provider",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "redacted_url",
+]
 
 TlsMode = Literal["ssl", "starttls", "none"]
 
@@ -77,7 +84,7 @@ class Settings(BaseSettings):
     )
 
     # Redis
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)  # may hold a password
     key_prefix: Annotated[
         str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     ] = "notifier"
@@ -238,7 +245,29 @@ class Settings(BaseSettings):
         """Settings for display: secrets masked."""
         out = self.model_dump(mode="json")
         out["smtp_password"] = "**********" if self.smtp_password else None
+        out["redis_url"] = redacted_url(self.redis_url)
         return out
+
+    @property
+    def redis_url_display(self) -> str:
+        return redacted_url(self.redis_url)
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 def _read_password(path: Path | None) -> SecretStr | None:
