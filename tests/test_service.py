@@ -215,3 +215,18 @@ def test_check_warns_about_redis_durability(
         assert warnings == []
     else:
         assert any(expect in ln for ln in warnings), res.stdout
+
+
+def test_sigterm_right_after_ready_exits_promptly(
+    redis_url, smtp_server, worker_env, worker_proc, notify_socket, tmp_path
+):
+    """A stop that arrives while the loops are starting must not be lost (Python 3.11 can
+    drop a cancellation inside redis-py's wait_for; the worker cancels until done)."""
+    env = worker_env(redis_url, smtp_server)
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    for _ in range(3):
+        notify_socket.messages.clear()
+        proc = worker_proc(env)
+        notify_socket.wait_for("READY=1", timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

@@ -224,9 +224,7 @@ class Worker:
         finally:
             self.stop()
             self.systemd.stopping()
-            for t in (fetch, helpers[1]):  # stop taking work: fetch and digests
-                t.cancel()
-            await asyncio.gather(fetch, helpers[1], return_exceptions=True)
+            await _cancel(fetch, helpers[1])  # stop taking work: fetch and digests
             # Jobs fetched but not started stay in processing and are requeued below.
             while not self._work.empty():
                 self._work.get_nowait()
@@ -235,12 +233,8 @@ class Worker:
             _, pending = await asyncio.wait(lanes, timeout=self.settings.shutdown_grace_s)
             if pending:
                 logger.warning("grace period over: cancelling %d send(s)", len(pending))
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            for t in (*helpers, stop_wait):
-                t.cancel()
-            await asyncio.gather(*helpers, stop_wait, return_exceptions=True)
+                await _cancel(*pending)
+            await _cancel(*helpers, stop_wait)
 
     async def _shutdown(self) -> None:
         try:
@@ -381,7 +375,7 @@ class Worker:
 
     # ================================================================== scheduler, keeper
     async def _scheduler_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self.monitor.beat("scheduler")
             moved = await self._redis(self.queue.schedule, "schedule", "scheduler")
             if moved:
@@ -395,7 +389,7 @@ class Worker:
 
     async def _digest_loop(self) -> None:
         """Hand due digest groups to a lane (several workers: each group goes to one)."""
-        while True:
+        while not self._stop.is_set():
             nxt = await self._redis(self.queue.next_digest_due, "digests")
             if nxt is None or nxt > time.time():
                 wait = self._tick if nxt is None else min(self._tick, max(0.01, nxt - time.time()))
@@ -414,7 +408,7 @@ class Worker:
 
     async def _keeper_loop(self) -> None:
         period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
-        while True:
+        while not self._stop.is_set():
             self.monitor.beat("keeper")
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
@@ -469,6 +463,18 @@ class Worker:
             f"{state}sent {c.get('sent', 0)}, retried {c.get('retry', 0)}, dead {c.get('dead', 0)};"
             f" in flight {self._inflight}; SMTP connections {self._open_connections()}"
         )
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel tasks and wait until they are really done. On Python 3.11 a cancellation can
+    be lost when the awaited operation completes in the same step (``asyncio.wait_for``,
+    used inside redis-py; gh-86296), so cancel again until each task has finished."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run(settings: Settings, *, burst: bool = False) -> int:
