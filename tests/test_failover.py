@@ -184,7 +184,8 @@ class TestInProcess(_Env):
         assert [a.state for a in rig.accounts] == ["down", "down"]
         await rig.deliver(rig.event("e2"))  # nobody to try: a retry when the first is back
         out = rig.outcomes[-1]
-        assert (out.status, out.reason) == ("retry", "throttled")
+        # down (not throttled) accounts: counted as a transient retry, but not an attempt
+        assert (out.status, out.reason, out.attempts) == ("retry", "transient", 0)
         assert "every SMTP account is down" in out.error
         primary.start()
         backup.start()

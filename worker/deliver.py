@@ -11,6 +11,7 @@ always in exactly one of queue, processing, retry, held (digest) or dead, or del
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -74,6 +75,21 @@ class _Event:
     recipients: list[str]
     digest: bool
     window_s: float
+
+
+def _raw_id(raw: bytes) -> str:
+    """The ``id`` of an event that failed validation, when it has a usable one (so that
+    ``dead list`` and ``dead replay --id`` can name it)."""
+    if len(raw) > 65536:
+        return ""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ""
+    value = obj.get("id") if isinstance(obj, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+        return value
+    return ""
 
 
 def _text(raw: bytes) -> str:
@@ -372,7 +388,7 @@ class Deliverer:
         self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int,
         claimed: bool = True,
     ) -> None:  # fmt: skip
-        event_id = event.id if event and event.id else ""
+        event_id = event.id if event and event.id else _raw_id(raw)
         letter: dict[str, Any] = {
             "event": _text(raw), "id": event_id, "reason": reason, "error": error,
             "attempts": attempts, "failed_at": time.time(), "worker": self.queue.worker_id,
