@@ -229,7 +229,8 @@ class Deliverer:
             recipients = list(route.to)
         else:
             recipients = list(self.settings.mail_to)
-        state = await self._redis(partial(self.queue.claim, event_id), "claim")
+        token = new_event_id()[:12]
+        state = await self._redis(partial(self.queue.claim, event_id, token), "claim")
         if state == "sent":
             await self._redis(partial(self.queue.skip_duplicate, raw), "ack")
             logger.info("duplicate %s: already delivered, dropped", event_id)

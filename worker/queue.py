@@ -149,17 +149,18 @@ return items
 
 # Claim an event id before sending it, so that two copies of one id (a producer that re-sent
 # after its timeout, fetched together on two lanes or by two workers) are never sent at once.
-# 'sent': already delivered; 'busy': a live process holds the claim; 'claimed': ours now.
-# A claim whose owner's heartbeat is gone (or belongs to another run of it) is taken over.
+# The claim is "<worker id>|<nonce of the run>|<token of this handling>"; ARGV[1] is ours.
+# 'sent': already delivered; 'busy': a live process holds the claim; 'claimed': ours now
+# (also when the claim is already ours: the reply to an earlier call was lost). A claim
+# whose owner's heartbeat is gone (or belongs to another run of it) is taken over.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'sent' end
 local cur = redis.call('GET', KEYS[2])
-if cur then
-  if cur == ARGV[1] then return 'busy' end
-  local sep = string.find(cur, '|', 1, true)
-  if sep then
-    local hb = redis.call('GET', ARGV[2] .. ':worker:' .. string.sub(cur, 1, sep - 1))
-    if hb and string.find(hb, string.sub(cur, sep + 1), 1, true) then return 'busy' end
+if cur and cur ~= ARGV[1] then
+  local wid, nonce = string.match(cur, '^([^|]*)|([^|]*)|')
+  if wid then
+    local hb = redis.call('GET', ARGV[2] .. ':worker:' .. wid)
+    if hb and string.find(hb, nonce, 1, true) then return 'busy' end
   end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
@@ -274,11 +275,13 @@ class Queue:
         res = await self.redis.mget([self.keys.sent(i) for i in ids])
         return [v is not None for v in res]
 
-    async def claim(self, event_id: str) -> str:
-        """'claimed' (send it, then settle with ``claim=event_id``), 'sent' or 'busy'."""
+    async def claim(self, event_id: str, token: str) -> str:
+        """'claimed' (send it, then settle with ``claim=event_id``), 'sent' or 'busy'.
+        ``token`` names this handling of the event: calling again with the same token (a
+        retry after a lost reply) finds the claim ours."""
         res = await self._claim(
             keys=[self.keys.sent(event_id), self.keys.sending(event_id)],
-            args=[self.owner, self.keys.prefix, self.claim_ttl_ms],
+            args=[f"{self.owner}|{token}", self.keys.prefix, self.claim_ttl_ms],
         )
         return _s(cast(bytes, res))
 
