@@ -1,0 +1,228 @@
+"""The latency proxy (delay, order, round-trip counting, TLS passthrough) and a smoke run of
+``notifier bench``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import time
+from dataclasses import asdict
+
+import pytest
+
+from worker import bench as bench_mod
+from worker.devtools.proxy import LatencyProxy, ProxyProcess
+
+RTT_MS = 40.0
+DELAY_S = RTT_MS / 2000
+
+
+class LineServer:
+    """A TCP server on 127.0.0.1 that optionally greets, then answers each line upper-cased,
+    recording when each line arrived."""
+
+    def __init__(self, *, greet: bool, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.greet = greet
+        self.ssl_context = ssl_context
+        self.arrivals: list[tuple[bytes, float]] = []
+        self.connected_at: list[float] = []
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected_at.append(time.monotonic())
+        if self.greet:
+            writer.write(b"220 hello\n")
+            await writer.drain()
+        while line := await reader.readline():
+            self.arrivals.append((line, time.monotonic()))
+            writer.write(line.upper())
+            await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> LineServer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl_context)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def test_proxy_adds_the_delay_each_way_and_emulates_the_handshake() -> None:
+    async with (
+        LineServer(greet=True) as server,
+        LatencyProxy("127.0.0.1", server.port, rtt_ms=RTT_MS) as proxy,
+    ):
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await reader.readline() == b"220 hello\n"
+        greeting = time.monotonic() - t0
+        # SYN, SYN-ACK, ACK before the server accepts; then the greeting's one-way trip.
+        assert server.connected_at[0] - t0 >= 3 * DELAY_S
+        assert greeting >= 4 * DELAY_S
+        for _ in range(3):
+            sent = time.monotonic()
+            writer.write(b"ping\n")
+            await writer.drain()
+            assert await reader.readline() == b"PING\n"
+            back = time.monotonic()
+            arrived = server.arrivals[-1][1]
+            assert arrived - sent >= DELAY_S
+            assert back - arrived >= DELAY_S
+            assert RTT_MS / 1000 <= back - sent < RTT_MS / 1000 + 0.05
+        writer.close()
+
+
+async def test_proxy_without_handshake_emulation_connects_at_once() -> None:
+    async with (
+        LineServer(greet=True) as server,
+        LatencyProxy("127.0.0.1", server.port, rtt_ms=RTT_MS, emulate_handshake=False) as proxy,
+    ):
+        t0 = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await reader.readline()
+        assert DELAY_S <= time.monotonic() - t0 < 2 * DELAY_S + 0.03
+        writer.close()
+        assert proxy.stats().round_trips == proxy.stats().turns == 1
+
+
+async def test_proxy_preserves_byte_order_in_both_directions() -> None:
+    rng = random.Random(7)
+    chunks = [
+        bytes(rng.randrange(97, 123) for _ in range(rng.randrange(1, 3000))) for _ in range(300)
+    ]
+    payload = b"".join(chunks)
+    received = bytearray()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(rng.randrange(1, 5000)):
+            received.extend(data)
+            writer.write(data)  # echoed in whatever pieces it arrived
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with LatencyProxy("127.0.0.1", port, rtt_ms=10) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for i, chunk in enumerate(chunks):
+            writer.write(chunk)
+            if i % 7 == 0:
+                await asyncio.sleep(rng.random() / 1000)  # arrivals spread over time
+        await writer.drain()
+        echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+        writer.close()
+    server.close()
+    assert bytes(received) == payload
+    assert echoed == payload
+
+
+async def test_proxy_counts_turns_of_a_scripted_exchange() -> None:
+    async with (
+        LineServer(greet=True) as server,
+        LatencyProxy("127.0.0.1", server.port, rtt_ms=10) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await reader.readline()  # turn 1: the greeting after the connection
+        writer.write(b"a\n")
+        await writer.drain()
+        await reader.readline()  # turn 2
+        writer.write(b"b\nc\nd\n")  # pipelined: one flight, three answers
+        await writer.drain()
+        for _ in range(3):
+            await reader.readline()  # turn 3 (however many packets the answers take)
+        writer.write(b"e\n")
+        await writer.drain()
+        await reader.readline()  # turn 4
+        writer.close()
+        await asyncio.sleep(0.05)
+        stats = proxy.stats()
+        assert stats.turns == 4
+        assert stats.round_trips == 5  # + the emulated TCP handshake
+        assert stats.connections == 1
+        assert stats.bytes_up == len(b"a\nb\nc\nd\ne\n")
+        assert proxy.connections[0].turns == 4
+
+        # A second connection counts on its own; totals add up.
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        await reader.readline()
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert [c.turns for c in proxy.connections] == [4, 1]
+        assert proxy.stats().turns == 5
+        assert proxy.stats().open_connections == 0
+
+
+async def test_proxy_passes_tls_through(tls_ca) -> None:
+    async with (
+        LineServer(greet=True, ssl_context=tls_ca.server_context()) as server,
+        LatencyProxy("127.0.0.1", server.port, rtt_ms=10) as proxy,
+    ):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, ssl=tls_ca.client_context(), server_hostname="127.0.0.1"
+        )
+        assert await reader.readline() == b"220 hello\n"
+        writer.write(b"secret\n")
+        await writer.drain()
+        assert await reader.readline() == b"SECRET\n"
+        writer.close()
+        assert proxy.stats().bytes_up > len(b"secret\n")  # ciphertext, handshake included
+
+
+def test_proxy_process_reports_stats() -> None:
+    async def main() -> None:
+        async with LineServer(greet=True) as server:
+            with ProxyProcess("127.0.0.1", server.port, rtt_ms=10) as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                await reader.readline()
+                writer.write(b"x\n")
+                await writer.drain()
+                await reader.readline()
+                writer.close()
+                await asyncio.sleep(0.05)
+                stats = await asyncio.to_thread(proxy.stats)
+                assert (stats.connections, stats.turns, stats.round_trips) == (1, 2, 3)
+
+    asyncio.run(main())
+
+
+def test_markdown_report_has_the_table_and_targets() -> None:
+    report = {
+        "command": "notifier bench", "date": "today", "machine": "m", "wall_s": 1.0,
+        "rows": [asdict(bench_mod.Row("s", 10, 123.4, 1.0, 2.0, 3.0, 2.0, 0.5, 40.0))],
+        "targets": [asdict(bench_mod.Target("t", "≤ 1", "0.5", True))], "notes": [],
+    }  # fmt: skip
+    text = bench_mod._markdown(report)
+    assert "| s | 10 | 123 | 1.0 | 2.0 | 3.0 | 2.00 | 0.50 | 40.0 |" in text
+    assert "| t | ≤ 1 | 0.5 | PASS |" in text
+
+
+def test_unknown_scenario_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_mod.bench(scenarios=["nope"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_bench_quick_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """The TLS + AUTH scenario end to end: the real worker, the proxy, the old recipe."""
+    assert bench_mod.bench(quick=True, rtt_ms=10, as_json=True, scenarios=["tls"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    worker, old = report["rows"]
+    assert worker["scenario"] == "tls+auth via 10 ms, PIPELINING"
+    assert worker["events"] == 10
+    for key in ("p50", "p95", "p99", "cpu_ms", "rss_mb"):
+        assert worker[key] > 0, key
+    assert worker["p50"] >= 2 * 10  # two round trips of the link, at least
+    assert worker["round_trips"] == 2.0  # PIPELINING: MAIL+RCPT+DATA, then the message
+    # connect, TLS, greeting, EHLO, AUTH, MAIL, RCPT, DATA, end of data, QUIT
+    assert old["round_trips"] == 10.0
+    assert old["p50"] > worker["p50"]
+    assert [t["ok"] is not None for t in report["targets"]][:2] == [True, True]
+    assert report["broken"] == []
