@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rtt-ms", type=float, default=50.0,
                        help="round trip added by the latency proxy (default 50)")  # fmt: skip
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--scenario", action="append", metavar="NAME",
+                       help="run only this scenario (repeatable): tls, chunking, burst, "
+                       "steady, saturation, rss")  # fmt: skip
     return p
 
 
@@ -493,7 +496,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench
 
-    return int(bench(quick=args.quick, rtt_ms=args.rtt_ms, as_json=args.json))
+    return int(bench(quick=args.quick, rtt_ms=args.rtt_ms, as_json=args.json,
+                     scenarios=args.scenario))  # fmt: skip
 
 
 COMMANDS = {

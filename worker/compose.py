@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import functools
 import hashlib
 import re
 import socket
@@ -21,7 +22,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from email.header import Header
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate, parseaddr
 from pathlib import Path
@@ -129,6 +129,30 @@ class Mail:
 _MAX_HEADER_LINE = 900  # RFC 5322 allows 998 octets a line
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_sender(sender: str) -> tuple[str, str]:
+    return parseaddr(sender)
+
+
+def _encoded_words(value: str) -> str:
+    """RFC 2047 base64 encoded words of ``value`` (UTF-8), at most 75 characters each,
+    never splitting a character, folded with CRLF + space."""
+    words: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for ch in value:
+        n = len(ch.encode("utf-8"))
+        if size + n > 45:  # 45 bytes -> 60 base64 characters + 12 of framing
+            words.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(ch)
+        size += n
+    words.append("".join(chunk))
+    return "\r\n ".join(
+        f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words
+    )
+
+
 def _header(name: str, value: str) -> bytes:
     """``Name: value`` + CRLF. Plain ASCII is written as is; anything else, and any text
     containing ``=?`` (which a reader would decode as an encoded word), is RFC 2047 encoded,
@@ -142,8 +166,7 @@ def _header(name: str, value: str) -> bytes:
         and (value.isprintable())
     ):
         return f"{name}: {value}\r\n".encode("ascii")
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    return f"{name}: {encoded}\r\n".encode("ascii")
+    return f"{name}: {_encoded_words(value)}\r\n".encode("ascii")
 
 
 def _address_header(field: str, display: str, address: str) -> bytes:
@@ -153,7 +176,7 @@ def _address_header(field: str, display: str, address: str) -> bytes:
     if display.isascii() and display.isprintable() and "=?" not in display:
         value = formataddr((display, address))
     else:
-        value = f"{Header(display, 'utf-8', header_name=field).encode()} <{address}>"
+        value = f"{_encoded_words(display)} <{address}>"
     return f"{field}: {value}\r\n".encode("ascii")
 
 
@@ -313,7 +336,7 @@ class Composer:
     def _headers(
         self, subject: str, recipients: Sequence[str], msg_id: str, sender: str | None
     ) -> bytes:
-        name, address = parseaddr(sender) if sender else (self.from_name, self.from_address)
+        name, address = _parse_sender(sender) if sender else (self.from_name, self.from_address)
         return b"".join((
             _header("Subject", subject),
             _address_header("From", name or self.from_name, address),

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import aiosmtplib
-from aiosmtplib.email import quote_address
+from aiosmtplib.email import quote_address as _quote_address
 from aiosmtplib.errors import (
     SMTPConnectError,
     SMTPConnectResponseError,
@@ -278,6 +279,13 @@ class TransactResult:
     mode: TransactMode
     round_trips: int
     """Times the client waited for the server in this transaction."""
+
+
+@functools.lru_cache(maxsize=1024)
+def quote_address(address: str) -> str:
+    """aiosmtplib's ``quote_address`` (parse, validate, quote), cached: the same few sender
+    and recipient addresses come back for every message."""
+    return _quote_address(address)
 
 
 def _command(*args: bytes) -> bytes:
