@@ -338,3 +338,18 @@ async def test_recent_outcomes_since(q, r):
     for i, t in enumerate([now - 100, now - 10, now - 1]):
         await r.lpush(KEYS.deliveries, json.dumps({"t": t, "o": "sent", "id": f"e{i}"}))
     assert [x["id"] for x in await q.recent(now - 50)] == ["e2", "e1"]
+
+
+async def test_reconcile_returns_what_the_worker_does_not_hold(q, r):
+    """A fetch whose reply was lost (Redis restarted) leaves events in the processing list
+    that the worker never received: reconcile puts exactly those back at the front."""
+    proc = q.processing
+    await r.rpush(proc, b"a", b"b", b"b", b"c")
+    await r.rpush(KEYS.queue, b"older")
+    moved = await q.reconcile([b"b", b"c"])
+    assert moved == 2
+    assert sorted(await r.lrange(proc, 0, -1)) == [b"b", b"c"]
+    queued = await r.lrange(KEYS.queue, 0, -1)
+    assert sorted(queued) == [b"a", b"b", b"older"]
+    assert queued[0] == b"older"  # the returned ones are next in line (right end)
+    assert await q.reconcile([b"b", b"c"]) == 0

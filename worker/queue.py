@@ -71,6 +71,25 @@ end
 return res
 """
 
+# After a lost reply on the fetch path (Redis restarted, a timeout), an event can sit in this
+# worker's processing list although the worker never received it. Move every element that
+# the worker does not hold (ARGV, with repeats) back to the front of the queue.
+RECONCILE = """
+local held = {}
+for i = 1, #ARGV do held[ARGV[i]] = (held[ARGV[i]] or 0) + 1 end
+local moved = 0
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (held[v] or 0) > 0 then
+    held[v] = held[v] - 1
+  else
+    redis.call('LREM', KEYS[1], 1, v)
+    redis.call('RPUSH', KEYS[2], v)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 # Replay one dead letter: remove it (exactly that element) and queue its event text.
 REPLAY = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
@@ -286,6 +305,7 @@ class Queue:
         self._schedule = redis.register_script(SCHEDULE)
         self._recover = redis.register_script(RECOVER)
         self._replay = redis.register_script(REPLAY)
+        self._reconcile = redis.register_script(RECONCILE)
         self._rate = redis.register_script(RATE)
         self._suppress = redis.register_script(SUPPRESS)
         self._hold = redis.register_script(HOLD)
@@ -435,6 +455,12 @@ class Queue:
         self._release(pipe, claim)
         pipe.rpush(self.keys.queue, raw)
         await pipe.execute()
+
+    async def reconcile(self, held: Sequence[bytes]) -> int:
+        """Return to the queue whatever is in this worker's processing list but not in
+        ``held`` (the events it really has); the number moved."""
+        res = await self._reconcile(keys=[self.processing, self.keys.queue], args=list(held))
+        return int(cast(int, res))
 
     async def requeue_all(self) -> int:
         """Everything in this worker's processing list back to the queue (graceful stop)."""

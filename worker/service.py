@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -95,6 +96,10 @@ class Worker:
         self._tick = min(1.0, watchdog / 4) if watchdog else 1.0
         self.started_at = time.time()
         self._work: asyncio.Queue[_EventJob | _DigestJob | None] = asyncio.Queue()
+        # What this worker holds of its processing list (fetched, not yet settled): after a
+        # lost reply on the fetch path the rest is returned to the queue (reconcile).
+        self._held: Counter[bytes] = Counter()
+        self._redis_errors = 0
         self._free = asyncio.Semaphore(settings.concurrency)
         self._inflight = 0
         self._stop = asyncio.Event()
@@ -269,6 +274,7 @@ class Worker:
             try:
                 result = await op()
             except REDIS_ERRORS as exc:
+                self._redis_errors += 1
                 if self._redis_down_since is None:
                     self._redis_down_since = time.monotonic()
                     logger.error("Redis unreachable during %s: %s; retrying", what, exc)
@@ -295,6 +301,7 @@ class Worker:
             while taken < s.fetch_batch and not self._free.locked():
                 await self._free.acquire()
                 taken += 1
+            errors_before = self._redis_errors
             try:
                 items = await self._redis(partial(self.queue.fetch_ready, taken), "fetch", "fetch")
                 if not items:
@@ -312,7 +319,10 @@ class Worker:
                 raise
             now = time.time()
             for raw in items:
+                self._held[raw] += 1
                 self._work.put_nowait(_EventJob(raw, now))
+            if self._redis_errors != errors_before:
+                await self._reconcile()
             for _ in range(taken - len(items)):
                 self._free.release()
 
@@ -346,6 +356,14 @@ class Worker:
         self.metrics.paused.set(0)
         await self._redis(partial(self.queue.set_paused, None), "resume")
 
+    async def _reconcile(self) -> None:
+        """A fetch was retried after a Redis error: the lost reply may have moved events
+        into our processing list that we never received; put them back in the queue."""
+        held = list(self._held.elements())
+        moved = await self._redis(partial(self.queue.reconcile, held), "reconcile", "fetch")
+        if moved:
+            logger.warning("returned %d event(s) fetched during a Redis error to the queue", moved)
+
     # ================================================================== lanes
     async def _lane(self, index: int) -> None:
         while True:
@@ -366,6 +384,10 @@ class Worker:
                 # back to the queue on restart/recovery; say so loudly.
                 logger.exception("lane %d: unexpected error; the event stays in processing", index)
             finally:
+                for raw in (job.raw,) if isinstance(job, _EventJob) else job.raws:
+                    self._held[raw] -= 1
+                    if self._held[raw] <= 0:
+                        del self._held[raw]
                 self._inflight -= 1
                 self.metrics.inflight.set(self._inflight)
                 self.metrics.connections.set(self._open_connections())
@@ -404,6 +426,7 @@ class Worker:
             if taken is None:
                 self._free.release()
                 continue
+            self._held.update(taken[1])
             self._work.put_nowait(_DigestJob(*taken))
 
     async def _keeper_loop(self) -> None:
