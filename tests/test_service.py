@@ -54,9 +54,10 @@ def test_metrics_endpoint_counts_every_outcome(redis_url, smtp_factory, worker_e
 
     def done() -> bool:
         m = scrape(port)
-        return m.get("notifier_delivered_total", 0) >= 6 and m.get(
-            'notifier_dead_total{reason="invalid"}', 0
-        ) >= 1
+        return (
+            m.get("notifier_delivered_total", 0) >= 6
+            and m.get('notifier_dead_total{reason="invalid"}', 0) >= 1
+        )
 
     wait_until(done, timeout=10, what="metrics to count 6 delivered and 1 dead")
     m = scrape(port)
