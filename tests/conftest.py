@@ -18,6 +18,12 @@ Fixtures:
   ``notifier run`` subprocess.
 - ``worker_proc(env, *args) -> subprocess.Popen``: ``python -m worker run *args``; see
   :class:`WorkerProcesses`.
+- ``r`` (function): a ``redis.Redis`` client of ``redis_url`` (a module may override it).
+- ``refused_redis_url`` (function): a Redis URL on a loopback port that refuses connections.
+- ``make_rig(smtp, clock=None, **settings)``: an in-process
+  :class:`~tests.support.helpers.Rig` on ``redis_url``; all closed at teardown.
+
+Plain helper functions live in :mod:`tests.support.helpers`.
 """
 
 from __future__ import annotations
@@ -25,23 +31,23 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
+import redis.asyncio as aredis
 
+from tests.support.helpers import MAIL_FROM, MAIL_TO, REPO_ROOT, FakeClock, Rig, settings_for
 from tests.support.redis_server import RedisServer
 from tests.support.smtp_server import SMTPTestServer, TLSMode
 from tests.support.tls import TLSAuthority
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MAIL_FROM = "量化提醒 <alerts@example.com>"
-MAIL_TO = "trader@example.com"
+from worker.queue import connect
 
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -59,6 +65,17 @@ def pytest_runtest_makereport(
 def _test_failed(node: pytest.Item) -> bool:
     reports = node.stash.get(_phase_reports, {})
     return any(report.failed for report in reports.values())
+
+
+_Server = TypeVar("_Server", RedisServer, SMTPTestServer)
+
+
+def _keep(made: list[_Server], server: _Server, start: bool) -> _Server:
+    """Remember ``server`` for the teardown and start it unless told not to."""
+    made.append(server)
+    if start:
+        server.start()
+    return server
 
 
 # -- TLS ---------------------------------------------------------------------------------
@@ -110,14 +127,27 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
             appendonly=appendonly,
             extra_args=extra_args,
         )
-        made.append(server)
-        if start:
-            server.start()
-        return server
+        return _keep(made, server, start)
 
     yield make
     for server in made:
         server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def refused_redis_url() -> Iterator[str]:
+    """A loopback port held by a bound socket that does not listen: connects are refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    sock.close()
 
 
 # -- SMTP --------------------------------------------------------------------------------
@@ -138,10 +168,7 @@ def smtp_factory(tls_ca: TLSAuthority) -> Iterator[Callable[..., SMTPTestServer]
         if tls != "none":
             kwargs.setdefault("ssl_context", tls_ca.server_context())
         server = SMTPTestServer(tls=tls, auth=auth, pipelining=pipelining, **kwargs)
-        made.append(server)
-        if start:
-            server.start()
-        return server
+        return _keep(made, server, start)
 
     yield make
     for server in made:
@@ -261,3 +288,27 @@ def worker_proc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Work
     procs.stop_all()
     if _test_failed(request.node):
         procs.dump_logs()
+
+
+# -- in-process delivery -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_rig(redis_url: str) -> AsyncIterator[Callable[..., Rig]]:
+    """``make_rig(smtp, clock=None, **settings)``: a :class:`Rig` (settings from
+    :func:`~tests.support.helpers.settings_for`) with its own Redis connection."""
+    made: list[Rig] = []
+    clients: list[aredis.Redis] = []
+
+    def make(smtp: SMTPTestServer | None, clock: FakeClock | None = None, **fields: Any) -> Rig:
+        client = connect(redis_url)
+        clients.append(client)
+        rig = Rig(settings_for(redis_url, smtp, **fields), client, clock)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        await rig.close()
+    for client in clients:
+        await client.aclose()

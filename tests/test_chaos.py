@@ -17,21 +17,18 @@ import time
 
 import pytest
 
-from tests.test_faults import (
+from tests.support.helpers import (
     EMPTY,
     dead_letters,
     delivered,
     event,
-    ids_in,
-    kill9,
+    kill9_holding,
     leftovers,
-    processing_of,
     push,
     rclient,
     slow_down,
     wait_delivered,
     wait_until,
-    worker_id_of,
 )
 
 EVENTS = 1000
@@ -84,10 +81,7 @@ def test_chaos_kill_9_and_a_flaky_smtp_server_lose_nothing(
         slot = rng.randrange(WORKERS)
         victim = slots[slot]
         assert victim.poll() is None, f"worker {victim.pid} exited by itself ({victim.returncode})"
-        kill9(victim)
-        killed_at = time.time()
-        held = ids_in(processing_of(r, worker_id_of(r, victim.pid)))
-        kills.append((killed_at, held))
+        kills.append(kill9_holding(r, victim))
         slots[slot] = worker_proc(env)
     pusher.join()
 

@@ -28,6 +28,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
+from tests.support.helpers import QQ_535, settings_from
 from worker.errors import (
     ConfigurationError,
     PermanentError,
@@ -176,10 +177,6 @@ def test_recipients_refused_mixed_codes_prefers_the_retryable():
     assert "a@example.com" in str(err) and "Mailbox unavailable" in str(err)
 
 
-QQ_535 = (
-    "Login Fail. Please enter your authorization code to login. More information in "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=28&&no=1001256"
-)
 NETEASE_535 = "Error: authentication failed"
 GMAIL_534 = "5.7.9 Application-specific password required."
 
@@ -324,7 +321,7 @@ def _settings(**values: Any) -> Settings:
         "smtp_timeout_s": 3,
         "redis_url": "redis://127.0.0.1:1/0",  # never contacted
     }
-    return Settings(_env_file=None, **(base | values))  # type: ignore[call-arg]
+    return settings_from(**(base | values))
 
 
 def _message() -> bytes:

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from producer.event import parse_event
-from tests.conftest import REPO_ROOT
+from tests.support.helpers import REPO_ROOT, queued
 
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"
 RAW_EVENT = '{"subject":"止损触发 600519","strategy":"ma_cross","data":{"price":1700.5}}'
@@ -58,28 +55,8 @@ def notifier(tmp_path: Path):
 
 
 @pytest.fixture
-def r(redis_url) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def env(redis_url) -> dict[str, str]:
     return {"NOTIFIER_REDIS_URL": redis_url}
-
-
-@pytest.fixture
-def dead_redis_url() -> Iterator[str]:
-    """A port this test holds without listening: every connect is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
-    sock.close()
-
-
-def queued(r: redis.Redis, prefix: str = "notifier") -> list:
-    return [parse_event(x) for x in reversed(r.lrange(f"{prefix}:queue", 0, -1))]
 
 
 # -- push --------------------------------------------------------------------------------------
@@ -155,13 +132,13 @@ def test_push_invalid_is_exit_2_and_one_line(notifier, env, r, args, words):
     assert r.llen("notifier:queue") == 0
 
 
-def test_push_redis_unreachable(notifier, dead_redis_url):
+def test_push_redis_unreachable(notifier, refused_redis_url):
     t0 = time.monotonic()
-    res = notifier("push", "s", env={"NOTIFIER_REDIS_URL": dead_redis_url})
+    res = notifier("push", "s", env={"NOTIFIER_REDIS_URL": refused_redis_url})
     assert res.code == 1, res
     assert len(res.err_lines) == 1
     line = res.err_lines[0]
-    assert line.startswith(f"notifier push: Redis at {dead_redis_url} unreachable")
+    assert line.startswith(f"notifier push: Redis at {refused_redis_url} unreachable")
     assert "NOTIFIER_REDIS_URL" in line
     assert time.monotonic() - t0 < 10
 
@@ -222,10 +199,10 @@ def test_check_untrusted_certificate(notifier, redis_url, smtp_factory, worker_e
 
 
 def test_check_missing_recipients_and_dead_redis(
-    notifier, smtp_factory, worker_env, dead_redis_url
+    notifier, smtp_factory, worker_env, refused_redis_url
 ):
     smtp = smtp_factory(auth={USER: PASSWORD})
-    res = notifier("check", env=worker_env(dead_redis_url, smtp, mail_to=None))
+    res = notifier("check", env=worker_env(refused_redis_url, smtp, mail_to=None))
     assert res.code == 1, res
     assert "settings   FAIL: NOTIFIER_MAIL_TO: not set" in res.out
     assert "redis      FAIL: Redis at" in res.out and "unreachable" in res.out
@@ -348,8 +325,8 @@ def test_dead_purge(notifier, env, r):
     assert r.llen("notifier:dead") == 0
 
 
-def test_dead_redis_unreachable(notifier, dead_redis_url):
-    res = notifier("dead", "list", env={"NOTIFIER_REDIS_URL": dead_redis_url})
+def test_dead_redis_unreachable(notifier, refused_redis_url):
+    res = notifier("dead", "list", env={"NOTIFIER_REDIS_URL": refused_redis_url})
     assert res.code == 1
     assert len(res.err_lines) == 1 and "unreachable" in res.err
 
@@ -421,11 +398,11 @@ def test_stats_with_no_deliveries(notifier, env):
     assert "latency: no deliveries in the window" in res.out
 
 
-def test_stats_redis_unreachable(notifier, dead_redis_url):
-    res = notifier("stats", "--json", env={"NOTIFIER_REDIS_URL": dead_redis_url})
+def test_stats_redis_unreachable(notifier, refused_redis_url):
+    res = notifier("stats", "--json", env={"NOTIFIER_REDIS_URL": refused_redis_url})
     assert res.code == 1
     assert res.err_lines == [res.err.strip()]
-    assert res.err.startswith(f"notifier stats: Redis at {dead_redis_url} unreachable")
+    assert res.err.startswith(f"notifier stats: Redis at {refused_redis_url} unreachable")
     assert res.out == ""
 
 

@@ -468,18 +468,12 @@ def metric_names(promql: str) -> set[str]:
 
 
 @needs_promtool
-def test_promtool_check_rules():
+@pytest.mark.parametrize(
+    ("command", "path"), [("check", ALERTS), ("test", ALERTS_TEST)], ids=["check", "test"]
+)
+def test_promtool_rules(command, path):
     result = subprocess.run(
-        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout
-
-
-@needs_promtool
-def test_promtool_test_rules():
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(ALERTS_TEST)], capture_output=True, text=True, timeout=60
+        ["promtool", command, "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout

@@ -12,49 +12,16 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from producer import Notifier
-from tests.conftest import MAIL_FROM, MAIL_TO
+from tests.support.helpers import MAIL_FROM, MAIL_TO, unsettled, wait_started, wait_until
 
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"
 RAW_SUBJECT = "止损触发 600519"
 RAW_EVENT = '{"subject":"止损触发 600519","strategy":"ma_cross","data":{"price":1700.5}}'
-START_TIMEOUT_S = 20.0
-
-
-def wait_started(proc: subprocess.Popen[bytes], timeout: float = START_TIMEOUT_S) -> str:
-    """Wait until the worker logs that it started (after its SMTP warm-up)."""
-    log_path: Path = proc.log_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log_path.read_text("utf-8", "replace") if log_path.exists() else ""
-        if " started: " in text:
-            return text
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode} before starting:\n{text}")
-        time.sleep(0.02)
-    pytest.fail(f"worker did not start within {timeout} s")
-
-
-def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def leftovers(r: redis.Redis) -> dict[str, int]:
-    """Everything not yet settled: queue, processing lists, retry set, digest holds."""
-    out = {"queue": r.llen("notifier:queue"), "retry": r.zcard("notifier:retry")}
-    for pattern in ("notifier:processing:*", "notifier:held:*"):
-        for key in r.scan_iter(pattern):
-            out[key.decode()] = r.llen(key)
-    return {k: v for k, v in out.items() if v}
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
@@ -132,7 +99,7 @@ def test_run_delivers_producer_and_raw_lpush_events(
 
         # nothing left behind once the acks are in
         wait_until(lambda: r.hget("notifier:counters", "delivered") == b"3", what="3 acks")
-        assert leftovers(r) == {}
+        assert unsettled(r) == {}
         assert r.llen("notifier:dead") == 0
         assert r.exists(f"notifier:sent:{first}", f"notifier:sent:{second}") == 2
         records = [json.loads(x) for x in r.lrange("notifier:deliveries", 0, -1)]
@@ -142,7 +109,7 @@ def test_run_delivers_producer_and_raw_lpush_events(
 
         assert stop(proc) == 0
         assert r.scard("notifier:workers") == 0  # deregistered on the way out
-        assert leftovers(r) == {}
+        assert unsettled(r) == {}
     finally:
         r.close()
     log = proc.log_path.read_text("utf-8")  # type: ignore[attr-defined]
@@ -172,7 +139,7 @@ def test_invalid_and_duplicate_events_while_running(
         errors = " | ".join(x["error"] for x in letters)
         assert "not valid UTF-8" in errors
         assert "stranger@example.net" in errors and "NOTIFIER_ALLOWED_RECIPIENTS" in errors
-        wait_until(lambda: leftovers(r) == {}, what="empty processing")
+        wait_until(lambda: unsettled(r) == {}, what="empty processing")
         assert stop(proc) == 0
     finally:
         r.close()
@@ -192,7 +159,7 @@ def test_burst_exits_zero_once_the_queue_is_drained(
         assert proc.wait(timeout=30) == 0
         subjects = sorted(m.message["Subject"] for m in smtp.messages)
         assert subjects == sorted([*(f"burst {i}" for i in range(5)), RAW_SUBJECT])
-        assert leftovers(r) == {}
+        assert unsettled(r) == {}
         assert r.exists(*(f"notifier:sent:{i}" for i in ids)) == 5
         assert r.scard("notifier:workers") == 0
     finally:

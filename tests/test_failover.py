@@ -12,34 +12,29 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.support.smtp_server import SMTPTestServer
-from tests.test_trading import FakeClock, Rig, clean_env, make_rig_factory
-from tests.test_trading_e2e import (
+from tests.support.helpers import (
+    QQ_535,
+    QQ_THROTTLE,
+    FakeClock,
+    Rig,
+    clean_env,
     dead_letters,
     event,
-    leftovers,
     push,
     run_cli,
     start_worker,
+    unsettled,
     wait_until,
 )
+from tests.support.smtp_server import SMTPTestServer
 from worker.settings import SettingsError, load_settings
 
-QQ_THROTTLE = (
-    "Connection frequency limited. "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=20022&&no=1000722"
-)
-QQ_535 = (
-    "Login Fail. Please enter your authorization code to login. More information in "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=28&&no=1001256"
-)
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"
 BACKUP_FROM = "backup@example.com"
 
@@ -68,12 +63,6 @@ class _Env:
     @pytest.fixture(autouse=True)
     def _no_notifier_env(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         clean_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-async def make_rig(redis_url: str) -> AsyncIterator[Callable[..., Rig]]:
-    async for make in make_rig_factory(redis_url):
-        yield make
 
 
 @pytest.fixture
@@ -278,18 +267,9 @@ class TestAccountsSettings(_Env):
 
 
 def stats(worker_proc: Any, env: dict[str, str], dotenv: str) -> dict[str, Any]:
-    rc, out = run_cli_with_dotenv(worker_proc, env, dotenv, "stats", "--json")
+    rc, out = run_cli(worker_proc, env, "stats", "--json", dotenv=dotenv)
     assert rc == 0, out
     return json.loads(out)
-
-
-def run_cli_with_dotenv(
-    worker_proc: Any, env: dict[str, str], dotenv: str, *args: str
-) -> tuple[int, str]:
-    cwd = worker_proc.tmp_path / f"worker-{len(worker_proc.procs) + 1}"
-    cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / ".env").write_text(dotenv, encoding="utf-8")
-    return run_cli(worker_proc, env, *args)
 
 
 def heartbeat_states(r: redis.Redis) -> dict[str, str]:
@@ -353,7 +333,7 @@ class Pair:
                 if received[i] - ts > 1.0}  # fmt: skip
         assert slow == {}, "events delayed by the failover"
         assert dead_letters(self.r) == []
-        assert leftovers(self.r) == {}
+        assert unsettled(self.r) == {}
 
     def close(self) -> None:
         self.r.close()
@@ -456,7 +436,7 @@ def test_check_prints_every_account(redis_url, smtp_factory, worker_env, worker_
     primary, backup = smtp_factory(), smtp_factory()
     env = worker_env(redis_url, primary, smtp_account_name="primary")
     dotenv = f"NOTIFIER_ACCOUNTS_FILE={write_accounts(tmp_path, backup, rate_per_minute=9)}\n"
-    rc, out = run_cli_with_dotenv(worker_proc, env, dotenv, "check")
+    rc, out = run_cli(worker_proc, env, "check", dotenv=dotenv)
     assert rc == 0, out
     lines = {line.split(" ok:")[0].strip(): line for line in out.splitlines() if " ok:" in line}
     assert f"127.0.0.1:{primary.port} (none)" in lines["smtp primary"]
@@ -464,7 +444,7 @@ def test_check_prints_every_account(redis_url, smtp_factory, worker_env, worker_
     assert "limit 9/min" in lines["smtp backup"]
     assert (primary.transactions, backup.transactions) == (0, 0)  # sends nothing
     backup.stop()
-    rc, out = run_cli_with_dotenv(worker_proc, env, dotenv, "check")
+    rc, out = run_cli(worker_proc, env, "check", dotenv=dotenv)
     assert rc == 1
     assert any(line.startswith("smtp backup FAIL (transient)") for line in out.splitlines()), out
     assert any(line.startswith("smtp primary ok:") for line in out.splitlines()), out

@@ -2,184 +2,46 @@
 
 Each test pushes events with LPUSH (as ``redis-cli`` would), injects a fault, and checks what
 the SMTP server received (one ``X-Notifier-Event-Id`` per delivery) and what Redis holds.
-The helpers at the top are shared with test_chaos.py, test_hostile.py and test_secrets.py.
+The helpers come from tests/support/helpers.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import Any
 
 import pytest
-import redis
 
-from tests.support.smtp_server import SMTPTestServer
+from tests.support.helpers import (
+    DEAD,
+    EMPTY,
+    PREFIX,
+    QQ_535,
+    QQ_THROTTLE,
+    QUEUE,
+    RETRY,
+    counters,
+    dead_letters,
+    delivered,
+    event,
+    kill9_holding,
+    leftovers,
+    log_of,
+    processing_of,
+    push,
+    rclient,
+    run_cli,
+    slow_down,
+    wait_delivered,
+    wait_for_log,
+    wait_until,
+)
 from worker.settings import Settings
-
-PREFIX = "notifier"
-QUEUE = f"{PREFIX}:queue"
-RETRY = f"{PREFIX}:retry"
-DEAD = f"{PREFIX}:dead"
-COUNTERS = f"{PREFIX}:counters"
-QQ_THROTTLE = (
-    "Connection frequency limited. "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=20022&&no=1000722"
-)
-QQ_535 = (
-    "Login Fail. Please enter your authorization code to login. More information in "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=28&&no=1001256"
-)
 
 # Fast retries so that a test sees several attempts in a second.
 FAST = {"retry_base_s": 0.05, "retry_max_s": 0.5, "heartbeat_ttl_s": 3}
-
-
-# -- helpers (also imported by the other fault test modules) ----------------------------
-
-
-def rclient(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
-
-
-def event(event_id: str, **fields: Any) -> dict[str, Any]:
-    return {"id": event_id, "subject": f"alert {event_id}", "ts": time.time(), **fields}
-
-
-def push(r: redis.Redis, *events: dict[str, Any] | str | bytes) -> None:
-    """LPUSH the events in one command (a dict is JSON-encoded; str and bytes go as they are)."""
-    raws = [json.dumps(ev, ensure_ascii=False) if isinstance(ev, dict) else ev for ev in events]
-    if raws:
-        r.lpush(QUEUE, *raws)
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
-) -> float:
-    """Poll until ``predicate()`` is truthy; return the seconds it took."""
-    start = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def delivered(smtp: SMTPTestServer) -> Counter[str]:
-    """How many times the server accepted a message for each event id."""
-    return Counter(str(m.message["X-Notifier-Event-Id"]) for m in smtp.messages)
-
-
-def wait_delivered(smtp: SMTPTestServer, ids: Iterable[str], timeout: float) -> float:
-    wanted = set(ids)
-
-    def done() -> bool:
-        return wanted <= set(delivered(smtp))
-
-    try:
-        return wait_until(done, timeout, f"{len(wanted)} deliveries")
-    except AssertionError:
-        missing = sorted(wanted - set(delivered(smtp)))
-        raise AssertionError(
-            f"{len(missing)} of {len(wanted)} events not delivered within {timeout} s: "
-            f"{missing[:10]} (server: connections={smtp.connections}, "
-            f"transactions={smtp.transactions}, failed={smtp.failed}, dropped={smtp.dropped})"
-        ) from None
-
-
-def dead_letters(r: redis.Redis) -> list[dict[str, Any]]:
-    return [json.loads(raw) for raw in r.lrange(DEAD, 0, -1)]
-
-
-def counters(r: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in r.hgetall(COUNTERS).items()}
-
-
-def leftovers(r: redis.Redis) -> dict[str, int]:
-    """Events still in the queue, the retry set or any processing list."""
-    processing = sum(r.llen(k) for k in r.scan_iter(f"{PREFIX}:processing:*"))
-    return {"queue": r.llen(QUEUE), "retry": r.zcard(RETRY), "processing": processing}
-
-
-EMPTY = {"queue": 0, "retry": 0, "processing": 0}
-
-
-def log_of(proc: subprocess.Popen[bytes]) -> str:
-    return proc.log_path.read_text("utf-8", "replace")  # type: ignore[attr-defined]
-
-
-def wait_for_log(proc: subprocess.Popen[bytes], text: str, timeout: float = 10.0) -> str:
-    def seen() -> bool:
-        return text in log_of(proc)
-
-    try:
-        wait_until(seen, timeout, f"{text!r} in the worker log", interval=0.05)
-    except AssertionError:
-        raise AssertionError(
-            f"{text!r} not logged within {timeout} s (exit {proc.poll()}):\n{log_of(proc)}"
-        ) from None
-    return log_of(proc)
-
-
-def run_cli(
-    worker_proc: Any, env: dict[str, str], *args: str, timeout: float = 30
-) -> tuple[int, str]:
-    """``python -m worker ARGS`` (the ``notifier`` command); its exit code and output."""
-    proc = worker_proc.spawn([sys.executable, "-m", "worker", *args], env)
-    rc = proc.wait(timeout=timeout)
-    return rc, log_of(proc)
-
-
-def slow_down(smtp: SMTPTestServer, delay_s: float, stage: str = "MAIL") -> None:
-    """Make the server take ``delay_s`` before it answers ``stage`` (MAIL, RCPT or DATA).
-
-    Wraps the recording handler's hook (aiosmtpd looks hooks up on each new connection);
-    call it before the worker connects. A delay at MAIL keeps events in flight without
-    widening the window between the server accepting a message and the client hearing
-    250 (a client killed in that window causes a duplicate, RFC 1047); a delay at DATA
-    widens it, as a slow provider does.
-    """
-    handler = smtp._handler
-    name = f"handle_{stage}"
-    original = getattr(handler, name)
-
-    async def slow(*args: Any) -> str:
-        await asyncio.sleep(delay_s)
-        return await original(*args)
-
-    setattr(handler, name, slow)
-
-
-def kill9(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def processing_of(r: redis.Redis, worker_id: str) -> list[bytes]:
-    return list(r.lrange(f"{PREFIX}:processing:{worker_id}", 0, -1))
-
-
-def worker_id_of(r: redis.Redis, pid: int) -> str:
-    """The id of the worker process ``pid``, from the heartbeats (which outlive a kill -9
-    by their TTL); the default ``<hostname>-<pid>`` if none is found."""
-    for key in r.scan_iter(f"{PREFIX}:worker:*"):
-        info = r.get(key)
-        if info and json.loads(info).get("pid") == pid:
-            return key.decode().removeprefix(f"{PREFIX}:worker:")
-    return f"{socket.gethostname()}-{pid}"
-
-
-def ids_in(raws: Iterable[bytes]) -> set[str]:
-    return {json.loads(raw)["id"] for raw in raws}
 
 
 # -- retries, dead letters --------------------------------------------------------------
@@ -492,9 +354,7 @@ def test_kill_9_in_flight_events_are_delivered_by_another_worker_within_15_s(
     push(r, *(event(i) for i in ids))
 
     wait_until(lambda: len(processing_of(r, "victim")) >= 3, 10, "events in flight")
-    kill9(victim)
-    killed_at = time.time()
-    in_flight = ids_in(processing_of(r, "victim"))
+    killed_at, in_flight = kill9_holding(r, victim, "victim")
     assert in_flight, "the victim held no events when it was killed"
 
     wait_delivered(smtp_server, in_flight, 15)
@@ -528,9 +388,7 @@ def test_kill_9_then_restart_with_the_same_id_takes_its_events_back_at_once(
     ids = [f"ph-{i:02d}" for i in range(30)]
     push(r, *(event(i) for i in ids))
     wait_until(lambda: len(processing_of(r, "phoenix")) >= 3, 10, "events in flight")
-    kill9(first)
-    killed_at = time.time()
-    in_flight = ids_in(processing_of(r, "phoenix"))
+    killed_at, in_flight = kill9_holding(r, first, "phoenix")
     assert in_flight
 
     second = worker_proc(env)

@@ -30,22 +30,24 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from producer.event import Event, InvalidEvent, parse_event
-from tests.test_faults import (
+from tests.support.helpers import (
     DEAD,
     EMPTY,
+    MAIL_FROM,
+    MAIL_TO,
     dead_letters,
     delivered,
+    html_of,
     leftovers,
     push,
     rclient,
+    text_of,
     wait_delivered,
     wait_until,
 )
 from worker.compose import Composer, message_id
 from worker.mailer import message_bytes
 
-MAIL_FROM = "量化提醒 <alerts@example.com>"
-MAIL_TO = "trader@example.com"
 ALLOWED = {"trader@example.com", "ops@example.com", "desk@example.com"}
 VICTIM = "victim@example.com"
 MB10 = 10 * 1024 * 1024
@@ -258,18 +260,6 @@ def dead_text(raw: bytes) -> str:
     return raw[:MAX_DEAD_TEXT].decode("utf-8", "backslashreplace")
 
 
-def html_part(message: EmailMessage) -> str:
-    part = message.get_body(("html",))
-    assert part is not None, "no HTML part"
-    return str(part.get_content())
-
-
-def text_part(message: EmailMessage) -> str:
-    part = message.get_body(("plain",))
-    assert part is not None, "no text part"
-    return str(part.get_content())
-
-
 def check_headers(message: EmailMessage, where: str) -> None:
     names = [k.lower() for k in message]
     extra = set(names) - HEADERS
@@ -346,7 +336,7 @@ def test_hostile_events_interleaved_with_good_ones(worker_proc, worker_env, smtp
         where = f"mail for {m.message['X-Notifier-Event-Id']} (Subject {m.message['Subject']!r})"
         check_headers(m.message, where)
         assert set(m.rcpt_tos) <= ALLOWED and VICTIM not in m.rcpt_tos, where
-        html = html_part(m.message)
+        html = html_of(m.message)
         for tag in ("<script", "<img", "<svg", "<i>", "<b>k", "<k0>"):
             assert tag not in html, f"{where}: {tag!r} unescaped in the HTML part"
     # Every good event delivered exactly once; each doubtful one delivered or dead, not both.
@@ -359,15 +349,15 @@ def test_hostile_events_interleaved_with_good_ones(worker_proc, worker_env, smtp
     assert by_id["g-plain"].rcpt_tos == [MAIL_TO]
     assert sorted(by_id["g-to-allowed"].rcpt_tos) == ["desk@example.com", "ops@example.com"]
     assert by_id["g-upper-to"].rcpt_tos == ["trader@example.com"]
-    assert "&lt;script&gt;alert(&#39;body&#39;)&lt;/script&gt;" in html_part(
+    assert "&lt;script&gt;alert(&#39;body&#39;)&lt;/script&gt;" in html_of(
         by_id["g-script"].message
-    ) or "&lt;script&gt;alert(&#x27;body&#x27;)" in html_part(by_id["g-script"].message)
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html_part(by_id["g-data-html"].message)
-    assert "MAIL FROM:<evil@example.com>" in text_part(by_id["g-smuggle"].message)
-    assert "Bcc: victim@example.com" in text_part(by_id["g-body-headers"].message)
+    ) or "&lt;script&gt;alert(&#x27;body&#x27;)" in html_of(by_id["g-script"].message)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html_of(by_id["g-data-html"].message)
+    assert "MAIL FROM:<evil@example.com>" in text_of(by_id["g-smuggle"].message)
+    assert "Bcc: victim@example.com" in text_of(by_id["g-body-headers"].message)
     assert str(by_id["g-header-like-subject"].message["Subject"]) == GOOD[3]["subject"]
     assert str(by_id[header_id("weird<id>@x")].message["Subject"]) == "odd but valid id"
-    assert html_part(by_id["g-big-body"].message).count("&lt;") >= 60_000
+    assert html_of(by_id["g-big-body"].message).count("&lt;") >= 60_000
 
 
 # -- properties of the parser and the composer ---------------------------------------------
@@ -505,7 +495,7 @@ def test_parse_then_compose_never_injects(obj, ascii_only):
         assert "\r" not in str(value) and "\n" not in str(value), (name, str(value))
     rcpts = {a.lower() for _, a in getaddresses(parsed.get_all("To", []))}
     assert rcpts == set(event.to or [MAIL_TO])
-    assert "<script>" not in html_part(parsed)
+    assert "<script>" not in html_of(parsed)
     # What a retry writes back to Redis.
     assert event.with_meta(attempts=1, last_error="451 4.3.0 try again later").to_json()
 

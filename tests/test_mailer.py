@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ from email.message import EmailMessage
 import aiosmtplib
 import pytest
 
+from tests.support.helpers import clean_env, settings_from
 from worker.errors import (
     ConfigurationError,
     PermanentError,
@@ -31,11 +31,7 @@ SENDER, RCPT = "alerts@example.com", "trader@example.com"
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("NOTIFIER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.chdir(tmp_path)
+    clean_env(monkeypatch, tmp_path)
 
 
 def make_settings(server, *, ca_file=None, auth: bool | None = None, **kw) -> Settings:
@@ -52,7 +48,7 @@ def make_settings(server, *, ca_file=None, auth: bool | None = None, **kw) -> Se
         fields["smtp_username"] = USER
         fields["smtp_password"] = PASSWORD
     fields.update(kw)
-    return Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    return settings_from(**fields)
 
 
 def message(subject: str = "止损触发 600519") -> bytes:

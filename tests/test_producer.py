@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from producer import AsyncNotifier, Event, InvalidEvent, Keys, Notifier, NotifierUnavailable
-from producer.event import MAX_EVENT_BYTES, parse_event
+from producer.event import MAX_EVENT_BYTES
+from tests.support.helpers import queued
 
 QUICK_S = 1.5  # a strategy must never hang on its notifier
 
@@ -25,22 +25,6 @@ QUICK_S = 1.5  # a strategy must never hang on its notifier
 def _no_notifier_env(monkeypatch):
     monkeypatch.delenv("NOTIFIER_REDIS_URL", raising=False)
     monkeypatch.delenv("NOTIFIER_KEY_PREFIX", raising=False)
-
-
-@pytest.fixture
-def r(redis_url) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A loopback port held by a bound socket that does not listen: connects are refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
-    sock.close()
 
 
 @pytest.fixture
@@ -69,11 +53,6 @@ def blackhole_url() -> Iterator[str]:
     for conn in held:
         conn.close()
     server.close()
-
-
-def queued(r: redis.Redis, key: str = "notifier:queue") -> list[Event]:
-    """The queue's events, oldest first (producers LPUSH, the worker takes from the right)."""
-    return [parse_event(raw) for raw in reversed(r.lrange(key, 0, -1))]
 
 
 class NoRedis:
@@ -190,8 +169,8 @@ def test_oversized_event_object_is_refused_by_send_event():
     assert spy.calls == []
 
 
-def test_unavailable_when_refused(refused_url):
-    n = Notifier(refused_url)
+def test_unavailable_when_refused(refused_redis_url):
+    n = Notifier(refused_redis_url)
     t0 = time.monotonic()
     with pytest.raises(NotifierUnavailable, match="unreachable"):
         n.send("s")
@@ -251,9 +230,9 @@ async def test_async_invalid_event_before_any_redis_call():
     assert spy.calls == []
 
 
-async def test_async_unavailable_when_refused(refused_url):
+async def test_async_unavailable_when_refused(refused_redis_url):
     t0 = time.monotonic()
-    async with AsyncNotifier(refused_url) as n:
+    async with AsyncNotifier(refused_redis_url) as n:
         with pytest.raises(NotifierUnavailable, match="unreachable"):
             await n.send("s")
     assert time.monotonic() - t0 < QUICK_S

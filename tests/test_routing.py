@@ -5,15 +5,13 @@ one line naming NOTIFIER_ROUTES_FILE, and a real ``notifier run`` delivering by 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from producer.event import Event
-from tests.test_trading import Rig, clean_env, make_rig_factory
-from tests.test_trading_e2e import event, push, start_worker, wait_ids
+from tests.support.helpers import clean_env, event, push, start_worker, wait_delivered
 from worker.routing import Routes, load_routes
 from worker.settings import SettingsError, load_settings
 
@@ -53,12 +51,6 @@ to = ["trader@example.com"]
 @pytest.fixture(autouse=True)
 def _no_notifier_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-async def make_rig(redis_url: str) -> AsyncIterator[Callable[..., Rig]]:
-    async for make in make_rig_factory(redis_url):
-        yield make
 
 
 def write(tmp_path: Path, text: str, name: str = "routes.toml") -> Path:
@@ -261,24 +253,18 @@ async def test_digest_false_route_is_never_held(make_rig, smtp_server, tmp_path)
 
 
 def test_run_delivers_to_the_routes_recipients(
-    redis_url, smtp_server, worker_env, worker_proc, tmp_path
+    redis_url, r, smtp_server, worker_env, worker_proc, tmp_path
 ):
-    import redis
-
     path = write(tmp_path, ROUTES)
     env = worker_env(redis_url, smtp_server, routes_file=path,
                      allowed_recipients=",".join(sorted(ALLOWED)), heartbeat_ttl_s=2)  # fmt: skip
     start_worker(worker_proc, env)
-    r = redis.Redis.from_url(redis_url)
-    try:
-        push(r, event("crit", strategy="grid_1", kind="order", severity="critical"),
-             event("fill", strategy="grid_1", kind="order"),
-             event("risk", strategy="bond", kind="risk", severity="warning"),
-             event("own", strategy="grid_1", kind="order", to=["me@example.com"]),
-             event("dflt", strategy="bond"))  # fmt: skip
-        wait_ids(smtp_server, ["crit", "fill", "risk", "own", "dflt"], 10)
-    finally:
-        r.close()
+    push(r, event("crit", strategy="grid_1", kind="order", severity="critical"),
+         event("fill", strategy="grid_1", kind="order"),
+         event("risk", strategy="bond", kind="risk", severity="warning"),
+         event("own", strategy="grid_1", kind="order", to=["me@example.com"]),
+         event("dflt", strategy="bond"))  # fmt: skip
+    wait_delivered(smtp_server, ["crit", "fill", "risk", "own", "dflt"], 10, digests=True)
     assert rcpts(smtp_server) == {
         "crit": ["desk@example.com", "me@example.com"],
         "fill": ["fills@example.com"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import traceback
 import urllib.parse
@@ -20,13 +19,15 @@ from typing import Any
 import pytest
 import redis
 
-from tests.test_faults import (
+from tests.support.helpers import (
     QQ_535,
+    clean_env,
     event,
     log_of,
     push,
     rclient,
     run_cli,
+    settings_from,
     wait_delivered,
     wait_for_log,
 )
@@ -90,7 +91,7 @@ def _settings(**values: Any) -> Settings:
         "mail_to": MAIL_TO,
         "redis_url": "redis://127.0.0.1:1/0",
     }
-    return Settings(_env_file=None, **(base | values))  # type: ignore[call-arg]
+    return settings_from(**(base | values))
 
 
 # -- a real worker and the commands --------------------------------------------------------
@@ -164,9 +165,7 @@ def test_bad_settings_with_a_password_never_show_it(
 
 
 def test_settings_errors_never_show_the_password(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # no .env here
-    for name in [k for k in os.environ if k.startswith("NOTIFIER_")]:
-        monkeypatch.delenv(name)
+    clean_env(monkeypatch, tmp_path)  # no NOTIFIER_* variable, no .env here
     monkeypatch.setenv("NOTIFIER_SMTP_USERNAME", USER)
     monkeypatch.setenv("NOTIFIER_SMTP_PASSWORD", PASSWORD)
     cases = {

@@ -18,8 +18,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Notifier
+from tests.support.helpers import REPO_ROOT, wait_started, wait_until
 from tests.support.redis_server import free_port
-from tests.test_e2e import wait_started, wait_until
 
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"
 
@@ -208,7 +208,7 @@ def test_check_warns_about_redis_durability(
 ):
     srv = redis_factory(appendonly=appendonly, extra_args=("--maxmemory-policy", policy))
     env = worker_env(srv.url, smtp_server)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(REPO_ROOT)
     res = run_check(env, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     warnings = [ln for ln in res.stdout.splitlines() if "WARNING" in ln]

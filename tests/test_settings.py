@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from tests.support.helpers import clean_env
 from worker.settings import PROVIDERS, Settings, SettingsError, load_settings
 
 SECRET = "abcdefghijklmnop"  # a 16-character QQ authorization code
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
+def _clean_env(monkeypatch, tmp_path):
     """No NOTIFIER_* variables from outside, no credentials, and an empty working directory."""
-    for name in list(os.environ):
-        if name.startswith("NOTIFIER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
+    clean_env(monkeypatch, tmp_path)
 
 
 def error(**env: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -43,16 +42,11 @@ from aiosmtplib import (
 )
 
 from tests.support import postfix as pf
+from tests.support.redis_server import free_port
 from worker.smtp_fast import FastSMTP, PipelineProtocol, TransactResult
 
 SENDER = "alerts@example.com"
 MODES = ("chunking", "pipelining", "sequential")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_message(subject: str, body: str = "hello\n", *, to: str = "ops@example.net") -> bytes:

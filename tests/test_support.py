@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from tests.support.helpers import wait_for_log
 from tests.support.redis_server import RedisServer, RedisServerError, free_port
 from tests.support.smtp_server import SMTPTestServer
 
@@ -412,17 +413,6 @@ FAKE_WORKER_MAIN = textwrap.dedent(
 )
 
 
-def _wait_for_log(proc: Any, text: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log: str = proc.log_path.read_text()
-        if text in log:
-            return log
-        assert proc.poll() is None, log
-        time.sleep(0.02)
-    raise AssertionError(f"{text!r} not in {proc.log_path}:\n{proc.log_path.read_text()}")
-
-
 def test_worker_proc_with_a_stand_in_worker(
     worker_proc, worker_env, smtp_server, redis_url, tmp_path
 ):
@@ -434,10 +424,10 @@ def test_worker_proc_with_a_stand_in_worker(
 
     polite = worker_proc(env, "--burst")
     stubborn = worker_proc(env, "--ignore-term")
-    log = _wait_for_log(polite, "ready")
+    log = wait_for_log(polite, "ready", 5)
     assert "argv ['run', '--burst']" in log and f"port {smtp_server.port}" in log
     assert str(tmp_path) in log and "fake-site" not in log.split("cwd")[1]
-    _wait_for_log(stubborn, "ready")
+    wait_for_log(stubborn, "ready", 5)
 
     worker_proc.grace_s = 0.5
     started = time.monotonic()

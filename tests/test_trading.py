@@ -8,64 +8,50 @@ Two levels:
   aiosmtpd server, with ``time`` replaced by :class:`FakeClock` in worker.deliver,
   worker.queue and worker.accounts (the clock moves only when a test moves it).
 
-The helpers at the top (``FakeClock``, ``Rig``, ``make_rig``) are shared with
-test_routing.py and test_failover.py.
+``FakeClock`` and ``Rig`` come from tests/support/helpers.py, the ``make_rig`` fixture from
+tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
 import json
-import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aredis
 
 from producer import AsyncNotifier, Notifier
 from producer.event import Event, parse_event
-from producer.keys import Keys
-from tests.support.smtp_server import SMTPTestServer
-from worker.accounts import Account
-from worker.compose import Composer, delayed_prefix, format_delay, repeated_note
-from worker.deliver import Deliverer, Outcome
-from worker.mailer import message_bytes
-from worker.metrics import Metrics
-from worker.queue import Queue, connect
-from worker.settings import Settings, load_settings
-
-KEYS = Keys("notifier")
-MAIL_FROM = "量化提醒 <alerts@example.com>"
-MAIL_TO = "trader@example.com"
-QQ_THROTTLE = (
-    "Connection frequency limited. "
-    "http://service.mail.qq.com/cgi-bin/help?subtype=1&&id=20022&&no=1000722"
+from tests.support.helpers import (
+    DIGEST_SUBJECT,
+    EVENT_ID_IN_DIGEST,
+    KEYS,
+    MAIL_FROM,
+    MAIL_TO,
+    QQ_THROTTLE,
+    T0,
+    FakeClock,
+    clean_env,
+    is_digest,
+    mail_ids,
+    text_of,
 )
-T0 = 1_900_000_000.0  # the fake clock's start (2030): far from the real time on purpose
-EVENT_ID_IN_DIGEST = re.compile(r"\(event ([!-~]+?)\)")
-DIGEST_SUBJECT = re.compile(r"\[DIGEST\] (\d+) alerts: (.+?)(?: · (.+))?")
+from tests.support.smtp_server import SMTPTestServer
+from worker.compose import Composer, delayed_prefix, format_delay, repeated_note
+from worker.mailer import message_bytes
+from worker.queue import Queue, connect
+from worker.settings import load_settings
 
-
-# -- shared helpers -----------------------------------------------------------------------------
-
-
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Settings come from the test only: no NOTIFIER_* variable, no .env file."""
-    for name in list(os.environ):
-        if name.startswith("NOTIFIER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+# -- helpers -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -73,187 +59,17 @@ def _no_notifier_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env(monkeypatch, tmp_path)
 
 
-class FakeClock:
-    """Wall time and monotonic time that move only when told (``advance``)."""
-
-    def __init__(self, start: float = T0) -> None:
-        self.t = start
-        self.mono = 1000.0
-
-    def time(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-        self.mono += seconds
-
-    def namespace(self) -> SimpleNamespace:
-        """A stand-in for the ``time`` module (perf counters stay real)."""
-        return SimpleNamespace(
-            time=self.time,
-            monotonic=self.monotonic,
-            perf_counter=time.perf_counter,
-            perf_counter_ns=time.perf_counter_ns,
-        )
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-        for module in ("worker.deliver", "worker.queue", "worker.accounts"):
-            monkeypatch.setattr(f"{module}.time", self.namespace())
-        return self
-
-
-def settings_for(redis_url: str, smtp: SMTPTestServer | None = None, **fields: Any) -> Settings:
-    """Settings built from arguments only (no environment, no .env)."""
-    base: dict[str, Any] = {
-        "redis_url": redis_url,
-        "worker_id": "t1",
-        "smtp_host": smtp.host if smtp else "127.0.0.1",
-        "smtp_port": smtp.port if smtp else 2,
-        "smtp_tls": "none",
-        "mail_from": MAIL_FROM,
-        "mail_to": [MAIL_TO],
-        "concurrency": 1,
-        "smtp_rate_per_minute": 0,
-    }
-    base.update(fields)
-    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
-
-
-async def _guard(op: Callable[[], Any], what: str) -> Any:
-    return await op()
-
-
-class Rig:
-    """One Deliverer with its Queue, accounts and recorded outcomes (no worker loops)."""
-
-    def __init__(self, settings: Settings, client: aredis.Redis, clock: FakeClock | None) -> None:
-        self.settings = settings
-        self.redis = client
-        self.clock = clock
-        self.queue = Queue(client, KEYS, settings.worker_id)
-        self.accounts = [Account(a, i) for i, a in enumerate(settings.accounts())]
-        assert settings.mail_from is not None
-        self.composer = Composer(mail_from=settings.mail_from, thread_by_day=settings.thread_by_day)
-        self.outcomes: list[Outcome] = []
-        self.deliverer = Deliverer(
-            settings, self.queue, self.accounts, self.composer, Metrics(1.0), _guard,
-            on_outcome=self.outcomes.append,
-        )  # fmt: skip
-
-    def now(self) -> float:
-        return self.clock.time() if self.clock else time.time()
-
-    def event(self, event_id: str, **fields: Any) -> dict[str, Any]:
-        return {"id": event_id, "subject": f"alert {event_id}", "ts": self.now(), **fields}
-
-    async def push(self, *events: dict[str, Any] | str) -> None:
-        for ev in events:
-            raw = ev if isinstance(ev, str) else json.dumps(ev, ensure_ascii=False)
-            await self.redis.lpush(KEYS.queue, raw)
-
-    async def run_queue(self, step_s: float = 0.0) -> int:
-        """Fetch everything queued (oldest first) and handle it, one by one, like a lane."""
-        n = 0
-        while True:
-            items = await self.queue.fetch_ready(100)
-            if not items:
-                return n
-            for raw in items:
-                await self.deliverer.handle(0, raw, self.now())
-                n += 1
-                if self.clock and step_s:
-                    self.clock.advance(step_s)
-
-    async def deliver(self, *events: dict[str, Any] | str) -> None:
-        await self.push(*events)
-        await self.run_queue()
-
-    async def run_digest(self) -> bool:
-        """Hand one due digest group to the deliverer; False when none is due."""
-        taken = await self.queue.take_digest(self.now() if self.clock else None)
-        if taken is None:
-            return False
-        await self.deliverer.handle_digest(0, *taken)
-        return True
-
-    async def run_retries(self) -> int:
-        """Move every retry (due or not) to the queue and handle it."""
-        moved = await self.queue.schedule(now=float("inf"))
-        await self.run_queue()
-        return moved
-
-    async def dead(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in await self.redis.lrange(KEYS.dead, 0, -1)]
-
-    async def leftovers(self) -> dict[str, int]:
-        d = await self.queue.depths()
-        out = {"queue": d.queue, "retry": d.retry, "processing": d.processing, "held": d.held}
-        out["digests"] = int(await self.redis.zcard(KEYS.digests))
-        out["own processing"] = int(await self.redis.llen(self.queue.processing))
-        return {k: v for k, v in out.items() if v}
-
-    async def close(self) -> None:
-        await asyncio.gather(*(a.mailer.close() for a in self.accounts))
-
-
-async def make_rig_factory(
-    redis_url: str,
-) -> AsyncIterator[Callable[..., Rig]]:
-    """Body of the ``make_rig`` fixtures: ``make_rig(smtp, clock=None, **settings)``."""
-    made: list[Rig] = []
-    clients: list[aredis.Redis] = []
-
-    def make(smtp: SMTPTestServer | None, clock: FakeClock | None = None, **fields: Any) -> Rig:
-        client = connect(redis_url)
-        clients.append(client)
-        rig = Rig(settings_for(redis_url, smtp, **fields), client, clock)
-        made.append(rig)
-        return rig
-
-    yield make
-    for rig in made:
-        await rig.close()
-    for client in clients:
-        await client.aclose()
-
-
-@pytest.fixture
-async def make_rig(redis_url: str) -> AsyncIterator[Callable[..., Rig]]:
-    async for make in make_rig_factory(redis_url):
-        yield make
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return FakeClock().install(monkeypatch)
 
 
-def text_of(msg: EmailMessage) -> str:
-    plain = msg.get_body(("plain",))
-    assert plain is not None
-    return str(plain.get_content())
-
-
-def mail_ids(smtp: SMTPTestServer) -> Counter[str]:
-    """Event id -> how many mails carried it (individually or listed in a digest)."""
-    seen: Counter[str] = Counter()
-    for m in smtp.messages:
-        if m.message["X-Notifier-Digest"] is not None:
-            seen.update(EVENT_ID_IN_DIGEST.findall(text_of(m.message)))
-        else:
-            seen[str(m.message["X-Notifier-Event-Id"])] += 1
-    return seen
-
-
 def digests(smtp: SMTPTestServer) -> list[EmailMessage]:
-    return [m.message for m in smtp.messages if m.message["X-Notifier-Digest"] is not None]
+    return [m.message for m in smtp.messages if is_digest(m)]
 
 
 def singles(smtp: SMTPTestServer) -> list[EmailMessage]:
-    return [m.message for m in smtp.messages if m.message["X-Notifier-Digest"] is None]
+    return [m.message for m in smtp.messages if not is_digest(m)]
 
 
 # ============================================================================ queue level (Lua)
@@ -411,7 +227,7 @@ async def test_burst_of_100_against_10_per_window_fake_clock(make_rig, smtp_serv
     assert [a.addr_spec for a in digest["To"].addresses] == [MAIL_TO]
 
     # every event in exactly one mail; nothing left anywhere
-    assert mail_ids(smtp_server) == Counter({f"b{i:03d}": 1 for i in range(100)})
+    assert mail_ids(smtp_server.messages) == Counter({f"b{i:03d}": 1 for i in range(100)})
     assert await rig.leftovers() == {}
     assert await rig.dead() == []
     counters = await rig.queue.counters()
@@ -454,7 +270,7 @@ async def test_a_held_group_waits_for_the_next_free_slot(make_rig, smtp_server, 
     assert await rig.run_digest()
     (digest,) = digests(smtp_server)
     assert EVENT_ID_IN_DIGEST.findall(text_of(digest)) == ["x2"]
-    assert mail_ids(smtp_server) == Counter({"x0": 1, "x1": 1, "x2": 1, "k0": 1, "k1": 1})
+    assert mail_ids(smtp_server.messages) == Counter({"x0": 1, "x1": 1, "x2": 1, "k0": 1, "k1": 1})
 
 
 async def test_groups_are_per_recipients(make_rig, smtp_server, clock):
@@ -675,7 +491,7 @@ async def test_a_held_event_that_expires_before_its_digest_is_dead_not_digested(
     assert await rig.run_digest()
     letters = await rig.dead()
     assert [(x["id"], x["reason"]) for x in letters] == [("short", "expired")]
-    assert mail_ids(smtp_server) == Counter({"first": 1, "long": 1})
+    assert mail_ids(smtp_server.messages) == Counter({"first": 1, "long": 1})
 
 
 async def test_late_marker_in_the_subject(make_rig, smtp_server, clock):
@@ -772,13 +588,6 @@ def test_a_digest_of_one_strategy_joins_its_thread():
 
 
 # ============================================================================ producer helpers
-
-
-@pytest.fixture
-def r(redis_url: str):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _queued(r: redis.Redis) -> list[dict[str, Any]]:
