@@ -353,3 +353,15 @@ async def test_reconcile_returns_what_the_worker_does_not_hold(q, r):
     assert sorted(queued) == [b"a", b"b", b"older"]
     assert queued[0] == b"older"  # the returned ones are next in line (right end)
     assert await q.reconcile([b"b", b"c"]) == 0
+
+
+async def test_settling_an_event_no_longer_held_adds_no_copy(q, r):
+    """A worker taken for dead (its events recovered by another) or a settle call retried
+    after a lost reply must not add a second copy to retry, dead or the queue."""
+    await r.rpush(q.processing, b"e")
+    assert await q.retry(b"e", "again", 1.0, {"t": 1, "o": "retry", "id": "x"})
+    assert not await q.retry(b"e", "again", 1.0, {"t": 1, "o": "retry", "id": "x"})
+    assert not await q.bury(b"e", {"reason": "permanent"}, {"t": 1, "o": "dead", "id": "x"})
+    assert not await q.requeue(b"e")
+    assert await r.zcard(KEYS.retry) == 1
+    assert await r.llen(KEYS.dead) == 0 and await r.llen(KEYS.queue) == 0

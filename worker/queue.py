@@ -4,10 +4,14 @@ Invariant: an event is in exactly one of queue, processing, retry or dead, or it
 accepted by the SMTP server. Each move below is one atomic step (LMOVE/BLMOVE, MULTI or Lua):
 
 * :meth:`Queue.fetch`     queue -> processing:<wid>   (Lua batch when deep, BLMOVE when empty)
-* :meth:`Queue.ack`       processing -> gone, + sent mark, delivery record, counters (MULTI)
-* :meth:`Queue.retry`     processing -> retry zset scored by due time (MULTI)
-* :meth:`Queue.bury`      processing -> dead (MULTI)
-* :meth:`Queue.requeue`   processing -> front of queue (MULTI; config pause, shutdown)
+* :meth:`Queue.ack`       processing -> gone, + sent mark, delivery record, counters (Lua)
+* :meth:`Queue.retry`     processing -> retry zset scored by due time (Lua)
+* :meth:`Queue.bury`      processing -> dead (Lua)
+* :meth:`Queue.requeue`   processing -> front of queue (Lua; config pause, shutdown)
+
+retry/bury/requeue act only while the event is still in this worker's processing list, so a
+worker that was taken for dead (and whose events were recovered), or a call retried after a
+lost reply, never adds a second copy.
 * :meth:`Queue.schedule`  due retry entries -> front of queue (Lua; safe with many workers)
 * :meth:`Queue.recover`   processing lists of workers whose heartbeat expired -> queue (Lua)
 """
@@ -201,6 +205,27 @@ return 1
 """
 
 
+# Settle an event this worker holds: only if it is still in this worker's processing list
+# (a worker thought dead and recovered by another, or a call retried after a lost reply,
+# must not add a second copy to retry/dead/queue). ARGV: raw, op (zadd|lpush|rpush|none),
+# member, score, release the claim (1/0), record ('' for none), records kept, counters...
+# KEYS: processing, target, claim key, deliveries, counters. Returns 1 when settled.
+SETTLE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+local op = ARGV[2]
+if op == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+elseif op == 'lpush' then redis.call('LPUSH', KEYS[2], ARGV[3])
+elseif op == 'rpush' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
+if ARGV[6] ~= '' then
+  redis.call('LPUSH', KEYS[4], ARGV[6])
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
+end
+for i = 8, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
+return 1
+"""
+
+
 class _Batcher:
     """Sends concurrent script calls together: while one round trip is in flight, the calls
     that arrive wait and go in the next one, as one pipeline. When calls come one at a
@@ -300,6 +325,7 @@ class Queue:
         self.claim_ttl_ms = 15 * 60 * 1000
         self._claim = redis.register_script(CLAIM)
         self._ack = redis.register_script(ACK)
+        self._settle_script = redis.register_script(SETTLE)
         self._batch = _Batcher(redis)
         self._fetch_many = redis.register_script(FETCH_MANY)
         self._schedule = redis.register_script(SCHEDULE)
@@ -403,23 +429,40 @@ class Queue:
             self._record(pipe, record, "delivered")
         await pipe.execute()
 
+    async def _settle(
+        self,
+        raw: bytes,
+        op: str,
+        target: str,
+        member: Any = "",
+        score: float = 0.0,
+        *,
+        claim: str | None,
+        record: dict[str, Any] | None,
+        counters: Sequence[str],
+    ) -> bool:
+        res = await self._settle_script(
+            keys=[self.processing, target, self.keys.sending(claim or "-"),
+                  self.keys.deliveries, self.keys.counters],
+            args=[raw, op, member, score, "1" if claim else "0",
+                  json.dumps(record, separators=(",", ":")) if record else "",
+                  self.deliveries_kept, *counters],
+        )  # fmt: skip
+        return int(cast(int, res)) == 1
+
     async def skip_duplicate(self, raw: bytes) -> None:
         """Already delivered (sent mark present): just drop it from processing."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, _v(raw))
-        pipe.hincrby(self.keys.counters, "duplicates_skipped", 1)
-        await pipe.execute()
+        await self._settle(raw, "none", self.keys.queue, claim=None, record=None,
+                           counters=["duplicates_skipped"])  # fmt: skip
 
     async def retry(
         self, raw: bytes, again: str, due: float, record: dict[str, Any], claim: str | None = None
-    ) -> None:
+    ) -> bool:
         """Wait for a retry: the updated event text goes into the retry set at its due time."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, _v(raw))
-        self._release(pipe, claim)
-        pipe.zadd(self.keys.retry, {again: due})
-        self._record(pipe, record, "retried", f"retried:{record.get('reason', '')}")
-        await pipe.execute()
+        return await self._settle(
+            raw, "zadd", self.keys.retry, again, due, claim=claim, record=record,
+            counters=["retried", f"retried:{record.get('reason', '')}"],
+        )  # fmt: skip
 
     async def bury(
         self,
@@ -427,14 +470,12 @@ class Queue:
         dead_letter: dict[str, Any],
         record: dict[str, Any],
         claim: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Dead letter: processing -> dead, with the reason."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, _v(raw))
-        self._release(pipe, claim)
-        pipe.lpush(self.keys.dead, json.dumps(dead_letter, ensure_ascii=False))
-        self._record(pipe, record, "dead", f"dead:{record.get('reason', '')}")
-        await pipe.execute()
+        return await self._settle(
+            raw, "lpush", self.keys.dead, json.dumps(dead_letter, ensure_ascii=False),
+            claim=claim, record=record, counters=["dead", f"dead:{record.get('reason', '')}"],
+        )  # fmt: skip
 
     async def split(
         self, raw: bytes, event_id: str, record: dict[str, Any], again: str, due: float
@@ -448,13 +489,10 @@ class Queue:
         self._record(pipe, record, "delivered")
         await pipe.execute()
 
-    async def requeue(self, raw: bytes, claim: str | None = None) -> None:
+    async def requeue(self, raw: bytes, claim: str | None = None) -> bool:
         """Back to the front of the queue, unchanged (not an attempt)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, _v(raw))
-        self._release(pipe, claim)
-        pipe.rpush(self.keys.queue, raw)
-        await pipe.execute()
+        return await self._settle(raw, "rpush", self.keys.queue, raw, claim=claim, record=None,
+                                  counters=[])  # fmt: skip
 
     async def reconcile(self, held: Sequence[bytes]) -> int:
         """Return to the queue whatever is in this worker's processing list but not in
@@ -515,13 +553,10 @@ class Queue:
 
     async def suppressed(
         self, raw: bytes, record: dict[str, Any], claim: str | None = None
-    ) -> None:
+    ) -> bool:
         """A repeat inside its suppression window: drop it from processing, count it."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrem(self.processing, 1, _v(raw))
-        self._release(pipe, claim)
-        self._record(pipe, record, "suppressed")
-        await pipe.execute()
+        return await self._settle(raw, "none", self.keys.queue, claim=claim, record=record,
+                                  counters=["suppressed"])  # fmt: skip
 
     async def hold(self, group: str, raws: Sequence[bytes], due: float) -> int:
         """Hold events for a digest of ``group`` due at ``due`` (processing -> held)."""
