@@ -234,6 +234,12 @@ async def test_burst_of_100_against_10_per_window_fake_clock(make_rig, smtp_serv
     assert counters["digested"] == 85
     assert counters["delivered"] == 16  # 15 mails for single events + 1 digest mail
     assert all(await rig.queue.sent_marks([f"b{i:03d}" for i in range(100)]))
+    # `notifier stats` counts every digested event as delivered, with its own latency
+    from worker.cli import stats_snapshot
+
+    st = await stats_snapshot(rig.queue, 10**9, 1.0)
+    assert (st["delivered"], st["digests"], st["latency"]["count"]) == (100, 1, 100)
+    assert st["depths"]["held"] == 0
     # latency: critical ones as fast as the first ten, the held ones a window later
     latency = {o.event_id: o.latency for o in rig.outcomes if o.status in ("sent", "digest")}
     assert max(latency[i] for i in critical) < 2.0

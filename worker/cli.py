@@ -322,7 +322,10 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
     d = await q.depths()
     recs = await q.recent(since)
     sent = [r for r in recs if r.get("o") == "sent"]
-    summary = summarize([float(r["l"]) for r in sent], target)
+    digests = [r for r in recs if r.get("o") == "digest"]
+    # every event of a digest counts as delivered, with its own latency
+    latencies = [float(r["l"]) for r in sent] + [float(x) for r in digests for x in r.get("ls", [])]
+    summary = summarize(latencies, target)
     waits = summarize([float(r.get("w", 0)) for r in sent], target)
     smtp = summarize([float(r.get("s", 0)) for r in sent], target)
     dead_reasons: dict[str, int] = {}
@@ -337,8 +340,16 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
 
     return {
         "window_s": window_s,
-        "depths": {"queue": d.queue, "retry": d.retry, "dead": d.dead, "processing": d.processing},
-        "delivered": len(sent),
+        "depths": {
+            "queue": d.queue,
+            "retry": d.retry,
+            "dead": d.dead,
+            "processing": d.processing,
+            "held": d.held,
+        },  # fmt: skip
+        "delivered": len(latencies),
+        "digests": len(digests),
+        "suppressed": sum(1 for r in recs if r.get("o") == "suppressed"),
         "retried": sum(1 for r in recs if r.get("o") == "retry"),
         "dead": sum(dead_reasons.values()),
         "dead_reasons": dead_reasons,
@@ -370,10 +381,11 @@ def _accounts_view(workers: dict[str, dict[str, Any] | None]) -> dict[str, dict[
 
 def _print_stats(st: dict[str, Any]) -> None:
     d, lat = st["depths"], st["latency"]
-    print(f"last {st['window_s'] / 60:g} min: delivered {st['delivered']}, retried {st['retried']}, "
+    extra = "".join(f", {k} {st[k]}" for k in ("digests", "suppressed") if st.get(k))
+    print(f"last {st['window_s'] / 60:g} min: delivered {st['delivered']}{extra}, retried {st['retried']}, "
           f"dead {st['dead']}" + (f" {st['dead_reasons']}" if st["dead_reasons"] else ""))  # fmt: skip
     print(f"depths: queue {d['queue']}, retry {d['retry']}, dead {d['dead']}, "
-          f"processing {d['processing']}")  # fmt: skip
+          f"processing {d['processing']}, held for digests {d.get('held', 0)}")  # fmt: skip
     if lat["count"]:
         print(f"latency: p50 {lat['p50_s'] * 1000:.1f} ms, p95 {lat['p95_s'] * 1000:.1f} ms, "
               f"p99 {lat['p99_s'] * 1000:.1f} ms, max {lat['max_s'] * 1000:.1f} ms; "

@@ -491,7 +491,8 @@ class Deliverer:
         done = time.time()
         subject = msg.subject
         record = {"t": round(done, 3), "o": "digest", "id": msg.message_id,
-                  "n": len(evs), "s": round(smtp_s, 4), "m": timing.mode, "a": account.name}  # fmt: skip
+                  "n": len(evs), "s": round(smtp_s, 4), "m": timing.mode, "a": account.name,
+                  "ls": [round(max(0.0, done - e.produced), 3) for e in evs]}  # fmt: skip
         await self._redis(
             partial(self.queue.ack_digest, [e.raw for e in evs], [e.id for e in evs], record),
             "ack",
