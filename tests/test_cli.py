@@ -356,7 +356,7 @@ def test_stats_json(notifier, env, r):
     st = json.loads(res.out)
     assert st["delivered"] == 4  # the two-hour-old record is outside the 15 min window
     assert st["retried"] == 1 and st["dead"] == 1 and st["dead_reasons"] == {"invalid": 1}
-    assert st["depths"] == {"queue": 1, "retry": 0, "dead": 0, "processing": 0}
+    assert st["depths"] == {"queue": 1, "retry": 0, "dead": 0, "processing": 0, "held": 0}
     lat = st["latency"]
     assert lat["count"] == 4
     assert lat["p50_s"] == 0.02 and lat["max_s"] == 1.5
