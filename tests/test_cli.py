@@ -426,3 +426,30 @@ def test_in_process_main_push(redis_url, r, monkeypatch, tmp_path, capsys):
     assert queued(r)[0].id == event_id
     assert main(["push"]) == 2
     assert capsys.readouterr().err.startswith("notifier push: invalid event: ")
+
+
+def test_push_trading_fields(notifier, env, r):
+    res = notifier("push", "feed down", "--dedup-key", "feed", "--dedup-window-s", "120",
+                   "--expires-s", "30", env=env)  # fmt: skip
+    assert res.code == 0, res
+    (raw,) = r.lrange("notifier:queue", 0, -1)
+    ev = json.loads(raw)
+    assert (ev["dedup_key"], ev["dedup_window_s"], ev["expires_s"]) == ("feed", 120.0, 30.0)
+    assert ev["id"] == res.out.strip()
+
+
+def test_stats_watch_refreshes(env, r, tmp_path):
+    seed_deliveries(r, [0.01])
+    full = {"PATH": os.environ.get("PATH", os.defpath), **env, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "stats", "--json", "--watch", "0.2"],
+        cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=1.5)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=5)
+    snapshots = [json.loads(ln[ln.index("{") :]) for ln in out.splitlines() if "{" in ln]
+    assert len(snapshots) >= 3, out
+    assert all(st["delivered"] == 1 for st in snapshots)

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--severity", choices=["info", "warning", "critical"], default="info")
     push.add_argument("--to", action="append", help="recipient (repeatable)")
     push.add_argument("--id", help="idempotency key")
+    push.add_argument("--dedup-key", help="repeats with this key within the window are sent once")
+    push.add_argument("--dedup-window-s", type=float, metavar="SECONDS")
+    push.add_argument("--expires-s", type=float, metavar="SECONDS",
+                      help="dead letter 'expired' instead of delivering later than this")  # fmt: skip
     push.add_argument("--json", dest="raw", help="a whole event as JSON ('-' reads stdin)")
 
     sub.add_parser("check", help="check settings, Redis and SMTP login (sends nothing)")
@@ -168,7 +172,8 @@ async def _push(args: argparse.Namespace) -> str:
         fields = {
             "subject": args.subject, "body": body, "data": data or None,
             "strategy": args.strategy, "kind": args.kind, "severity": args.severity,
-            "to": args.to, "id": args.id, "ts": time.time(),
+            "to": args.to, "id": args.id, "ts": time.time(), "dedup_key": args.dedup_key,
+            "dedup_window_s": args.dedup_window_s, "expires_s": args.expires_s,
         }  # fmt: skip
         try:
             event = event_from_dict({k: v for k, v in fields.items() if v is not None})
@@ -346,7 +351,7 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
             "dead": d.dead,
             "processing": d.processing,
             "held": d.held,
-        },  # fmt: skip
+        },
         "delivered": len(latencies),
         "digests": len(digests),
         "suppressed": sum(1 for r in recs if r.get("o") == "suppressed"),
@@ -416,6 +421,7 @@ async def _stats(args: argparse.Namespace) -> int:
                 print(json.dumps(st, ensure_ascii=False))
             else:
                 _print_stats(st)
+            sys.stdout.flush()  # --watch into a pipe: each snapshot when it is made
             if not args.watch:
                 break
             await asyncio.sleep(args.watch)
