@@ -231,3 +231,48 @@ def test_sigterm_right_after_ready_exits_promptly(
         notify_socket.wait_for("READY=1", timeout=20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+async def test_a_bug_while_handling_an_event_dead_letters_it_and_the_lane_goes_on(
+    redis_url, smtp_server, monkeypatch
+):
+    """An unexpected exception in the per-event code (a bug) must neither kill the lane nor
+    lose the event nor loop on it: the event becomes a dead letter 'internal'."""
+    import asyncio
+
+    from producer import AsyncNotifier
+    from worker.deliver import Deliverer
+    from worker.service import Worker
+    from worker.settings import Settings
+
+    real = Deliverer.handle
+
+    async def buggy(self, lane, raw, fetched_at):
+        if b"trigger-bug" in raw:
+            raise RuntimeError("boom")
+        return await real(self, lane, raw, fetched_at)
+
+    monkeypatch.setattr(Deliverer, "handle", buggy)
+    settings = Settings(
+        _env_file=None, redis_url=redis_url, smtp_host="127.0.0.1", smtp_port=smtp_server.port,
+        smtp_tls="none", mail_from="alerts@example.com", mail_to=["trader@example.com"],
+        concurrency=1, metrics_port=0,
+    )  # fmt: skip
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    async with AsyncNotifier(redis_url) as n:
+        await n.send("trigger-bug", id="buggy-1")
+        await n.send("after the bug", id="fine-1")
+    await smtp_server.wait_for_async(1, timeout=10)
+    r = redis.Redis.from_url(redis_url)
+    for _ in range(100):
+        if r.llen("notifier:dead"):
+            break
+        await asyncio.sleep(0.05)
+    worker.stop()
+    await task
+    (letter,) = [json.loads(x) for x in r.lrange("notifier:dead", 0, -1)]
+    assert letter["reason"] == "internal" and "boom" in letter["error"]
+    assert letter["id"] == "buggy-1"
+    assert [m.message["X-Notifier-Event-Id"] for m in smtp_server.messages] == ["fine-1"]
+    assert r.get("notifier:sending:buggy-1") is None  # its claim is released

@@ -405,6 +405,11 @@ class Deliverer:
         logger.error("dead letter %s (%s): %s", event_id or "<no id>", reason, error)
         self._emit(Outcome("dead", event_id, reason=reason, error=error, attempts=attempts))
 
+    async def bury_internal(self, raw: bytes, exc: BaseException) -> None:
+        """Dead-letter an event whose handling hit a bug (the claim, if any, released)."""
+        await self._bury(raw, None, "internal", f"internal error: {type(exc).__name__}: {exc}",
+                         attempts=0)  # fmt: skip
+
     # ================================================================== digests
     def _group(self, account: Account, recipients: Sequence[str]) -> str:
         digest = hashlib.sha256(",".join(sorted(recipients)).encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
 )  # fmt: skip
 RETRY_REASONS = ("transient", "throttled")
-DEAD_REASONS = ("permanent", "invalid", "exhausted", "expired", "recipient")
+DEAD_REASONS = ("permanent", "invalid", "exhausted", "expired", "recipient", "internal")
 
 
 class Metrics:

@@ -379,10 +379,13 @@ class Worker:
                     await self.deliverer.handle_digest(index, job.group, job.raws)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # A bug must not take the lane down: the event stays in processing and goes
-                # back to the queue on restart/recovery; say so loudly.
-                logger.exception("lane %d: unexpected error; the event stays in processing", index)
+            except Exception as exc:
+                # A bug must not take the lane down, nor lose or loop on the event: it goes
+                # to the dead letters with the error (replayable once the bug is fixed).
+                logger.exception("lane %d: unexpected error; dead-lettering the event", index)
+                raws = [job.raw] if isinstance(job, _EventJob) else job.raws
+                for raw in raws:
+                    await self.deliverer.bury_internal(raw, exc)
             finally:
                 for raw in (job.raw,) if isinstance(job, _EventJob) else job.raws:
                     self._held[raw] -= 1
