@@ -6,12 +6,12 @@ Fixtures:
 
 - ``tls_ca`` (session): :class:`~tests.support.tls.TLSAuthority` with ``ca_file``,
   ``server_context()`` and ``client_context()``.
-- ``redis_server`` (session): a private :class:`~tests.support.redis_server.RedisServer`.
+- ``redis_server`` (session): a private :class:`~worker.devtools.redis_server.RedisServer`.
 - ``redis_url`` (function): that server's URL, after ``FLUSHALL``.
 - ``redis_factory(*, appendonly=False, port=None, start=True, extra_args=())``:
   more Redis servers, each with its own directory; all stopped at teardown.
 - ``smtp_factory(*, tls="none", auth=None, pipelining=False, start=True, **kwargs)``:
-  :class:`~tests.support.smtp_server.SMTPTestServer` instances (TLS servers get a
+  :class:`~worker.devtools.smtp_server.SMTPTestServer` instances (TLS servers get a
   ``tls_ca`` certificate); all stopped at teardown.
 - ``smtp_server`` (function): a started plain server without AUTH.
 - ``worker_env(redis_url, smtp, **overrides) -> dict[str, str]``: environment for a
@@ -44,9 +44,9 @@ import redis
 import redis.asyncio as aredis
 
 from tests.support.helpers import MAIL_FROM, MAIL_TO, REPO_ROOT, FakeClock, Rig, settings_for
-from tests.support.redis_server import RedisServer
-from tests.support.smtp_server import SMTPTestServer, TLSMode
 from tests.support.tls import TLSAuthority
+from worker.devtools.redis_server import RedisServer
+from worker.devtools.smtp_server import SMTPTestServer, TLSMode
 from worker.queue import connect
 
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()

@@ -32,7 +32,7 @@ from tests.support.helpers import (
     unsettled,
     wait_until,
 )
-from tests.support.smtp_server import SMTPTestServer
+from worker.devtools.smtp_server import SMTPTestServer
 from worker.settings import SettingsError, load_settings
 
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"

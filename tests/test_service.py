@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Notifier
 from tests.support.helpers import REPO_ROOT, wait_started, wait_until
-from tests.support.redis_server import free_port
+from worker.devtools import free_port
 
 USER, PASSWORD = "alerts@example.com", "abcdefghijklmnop"
 

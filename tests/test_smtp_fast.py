@@ -9,7 +9,7 @@ Three layers:
   small ``BDAT`` command added to its server class, CHUNKING). Each error scenario runs in
   the three modes and must end the same way as aiosmtplib's own ``sendmail``
   (``esmtp_mode="sequential"``): same exception, same code, same connection state.
-- :class:`FastSMTP` against a private Postfix ``smtpd`` (tests/support/postfix.py),
+- :class:`FastSMTP` against a private Postfix ``smtpd`` (worker/devtools/postfix.py),
   which offers PIPELINING and CHUNKING itself.
 
 Round trips are counted on the wire by :class:`FlightCounter`, a TCP relay that counts
@@ -41,8 +41,8 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from tests.support import postfix as pf
-from tests.support.redis_server import free_port
+from worker.devtools import free_port
+from worker.devtools import postfix as pf
 from worker.smtp_fast import FastSMTP, PipelineProtocol, TransactResult
 
 SENDER = "alerts@example.com"

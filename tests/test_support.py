@@ -17,8 +17,9 @@ import redis
 import redis.asyncio
 
 from tests.support.helpers import wait_for_log
-from tests.support.redis_server import RedisServer, RedisServerError, free_port
-from tests.support.smtp_server import SMTPTestServer
+from worker.devtools import free_port
+from worker.devtools.redis_server import RedisServer, RedisServerError
+from worker.devtools.smtp_server import SMTPTestServer
 
 CLIENT_NAME = "client.test"  # aiosmtplib would otherwise ask socket.getfqdn()
 USER, PASSWORD = "trader@example.com", "app-password-授权码"

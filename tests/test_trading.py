@@ -45,8 +45,8 @@ from tests.support.helpers import (
     mail_ids,
     text_of,
 )
-from tests.support.smtp_server import SMTPTestServer
 from worker.compose import Composer, delayed_prefix, format_delay, repeated_note
+from worker.devtools.smtp_server import SMTPTestServer
 from worker.mailer import message_bytes
 from worker.queue import Queue, connect
 from worker.settings import load_settings

@@ -40,10 +40,10 @@ import redis.asyncio as aredis
 
 from producer.event import Event, parse_event
 from producer.keys import Keys
-from tests.support.smtp_server import Received, SMTPTestServer
 from worker.accounts import Account
 from worker.compose import Composer
 from worker.deliver import Deliverer, Outcome
+from worker.devtools.smtp_server import Received, SMTPTestServer
 from worker.metrics import Metrics
 from worker.queue import Queue
 from worker.settings import Settings

@@ -42,6 +42,7 @@ import redis
 from producer.event import event_from_dict
 from producer.keys import Keys
 
+from ..devtools import free_port
 from ..devtools.postfix import PostfixServer
 from ..devtools.proxy import ProxyProcess
 from ..metrics import percentile
@@ -114,13 +115,6 @@ def _ms(values_s: Sequence[float]) -> tuple[float | None, float | None, float | 
     return percentile(v, 50) * 1000, percentile(v, 95) * 1000, percentile(v, 99) * 1000
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
@@ -182,7 +176,7 @@ class SmtpSink:
         if os.geteuid() == 0:  # smtp-sink refuses to run as root without -u
             argv += ["-u", "nobody"]
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             with self.log.open("ab") as out:
                 proc = subprocess.Popen(
                     [*argv, f"127.0.0.1:{port}", "256"], stdout=out, stderr=out,
@@ -241,7 +235,7 @@ class WorkerProcess:
             "NOTIFIER_REDIS_URL": self.lab.redis_url, "NOTIFIER_KEY_PREFIX": PREFIX,
             "NOTIFIER_WORKER_ID": f"bench-{self.name}", "NOTIFIER_SMTP_HOST": "127.0.0.1",
             "NOTIFIER_MAIL_FROM": MAIL_FROM, "NOTIFIER_MAIL_TO": MAIL_TO,
-            "NOTIFIER_METRICS_PORT": str(_free_port()), "NOTIFIER_LOG_LEVEL": "INFO",
+            "NOTIFIER_METRICS_PORT": str(free_port()), "NOTIFIER_LOG_LEVEL": "INFO",
         })  # fmt: skip
         env.update(self.settings)
         sock_path = self.lab.tmp / f"notify-{self.name}.sock"

@@ -39,12 +39,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+
+from . import LocalServer, free_port
 
 __all__ = [
     "BLOCKED_SENDER",
@@ -105,18 +105,11 @@ def postfix_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class PostfixServerError(RuntimeError):
     """The private Postfix could not be started or stopped."""
 
 
-class PostfixServer:
+class PostfixServer(LocalServer):
     """A private Postfix on 127.0.0.1 (see the module docstring)."""
 
     def __init__(self, *, tls_chain_file: Path | None = None) -> None:
@@ -234,7 +227,7 @@ smtpd_client_connection_rate_limit = 0
         # Not pytest's tmp_path: its 0700 parents would keep the postfix user out.
         self.root = Path(tempfile.mkdtemp(prefix="notifier-postfix-"))
         self.root.chmod(0o755)
-        self.port = _free_port()
+        self.port = free_port()
         self._write_config()
         result = self._postfix("start")
         if result.returncode != 0:
@@ -285,18 +278,6 @@ smtpd_client_connection_rate_limit = 0
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
-
-    def __enter__(self) -> PostfixServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def delivered(self) -> list[bytes]:
         """The bytes of every message delivered to the Maildir so far, in no order."""

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import IO
 
+from . import LocalServer
+
 __all__ = ["ConnectionStats", "LatencyProxy", "ProxyProcess", "ProxyStats"]
 
 HOST = "127.0.0.1"
@@ -345,7 +347,7 @@ class LatencyProxy:
 
 
 # ---------------------------------------------------------------------- in its own process
-class ProxyProcess:
+class ProxyProcess(LocalServer):
     """:class:`LatencyProxy` in a subprocess (no GIL shared with the caller's threads)."""
 
     def __init__(
@@ -406,17 +408,6 @@ class ProxyProcess:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-
-    def __enter__(self) -> ProxyProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 async def _serve(args: argparse.Namespace) -> None:

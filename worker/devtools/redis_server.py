@@ -16,21 +16,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
-__all__ = ["RedisServer", "RedisServerError", "free_port"]
+from . import LocalServer, free_port
+
+__all__ = ["RedisServer", "RedisServerError"]
 
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
 _READY_MARK = b"Ready to accept connections"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _redis_executable() -> str:
@@ -44,7 +37,7 @@ class RedisServerError(RuntimeError):
     """The private redis-server could not be started or stopped."""
 
 
-class RedisServer:
+class RedisServer(LocalServer):
     """A ``redis-server`` subprocess on 127.0.0.1 that only this test process uses.
 
     ``port=None`` picks a free port at the first :meth:`start` and keeps it for every
@@ -217,14 +210,3 @@ class RedisServer:
         """Stop if running, then start again on the same port with the same directory."""
         self.stop()
         return self.start()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -38,10 +38,11 @@ import threading
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
-from types import TracebackType
 from typing import Any, Literal, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from . import LocalServer
 
 __all__ = ["Received", "SMTPTestServer", "Stage", "TLSMode"]
 
@@ -196,7 +197,7 @@ class _RecordingHandler:
         return "250 2.0.0 OK queued"
 
 
-class SMTPTestServer:
+class SMTPTestServer(LocalServer):
     """An SMTP server on 127.0.0.1 in a background thread; see the module docstring."""
 
     def __init__(
@@ -310,17 +311,6 @@ class SMTPTestServer:
         self._loop = self._thread = None
 
     close = stop
-
-    def __enter__(self) -> SMTPTestServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _serve(
         self, loop: asyncio.AbstractEventLoop, ready: threading.Event, outcome: dict[str, Any]
