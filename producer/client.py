@@ -129,6 +129,15 @@ def _prefix(key_prefix: str | None) -> str:
     return key_prefix or os.environ.get("NOTIFIER_KEY_PREFIX") or "notifier"
 
 
+def _options(timeout: float) -> dict[str, Any]:
+    """A strategy never hangs on its notifier: short timeouts, no redis-py retries."""
+    return {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
 class Notifier:
     """Synchronous producer. Thread-safe (redis-py's pool); cheap to keep for the process."""
 
@@ -142,12 +151,7 @@ class Notifier:
         client: redis.Redis | None = None,
     ) -> None:
         self.keys = Keys(_prefix(key_prefix))
-        self._redis = client or redis.Redis.from_url(
-            _url(redis_url),
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = client or redis.Redis.from_url(_url(redis_url), **_options(timeout))
 
     def send(
         self,
@@ -239,13 +243,7 @@ class AsyncNotifier:
         client: aredis.Redis | None = None,
     ) -> None:
         self.keys = Keys(_prefix(key_prefix))
-        self._timeout = timeout
-        self._redis = client or aredis.Redis.from_url(
-            _url(redis_url),
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = client or aredis.Redis.from_url(_url(redis_url), **_options(timeout))
 
     async def send(
         self,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from producer.event import Event, InvalidEvent, new_event_id, parse_event
 
 from .accounts import Account
-from .compose import Composer, delayed_prefix, render_subject, repeated_note
+from .compose import Composer, Mail, delayed_prefix, render_subject, repeated_note
 from .errors import (
     ConfigurationError,
     PermanentError,
@@ -30,7 +30,7 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
-from .mailer import SendTiming, classify, message_bytes
+from .mailer import SendTiming, classify
 from .metrics import Metrics
 from .queue import Queue
 from .retry import backoff
@@ -60,6 +60,14 @@ class Outcome:
     error: str = ""
     attempts: int = 0
     account: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    account: Account
+    mail: Mail
+    smtp_s: float
+    timing: SendTiming
 
 
 @dataclass(slots=True)
@@ -160,48 +168,20 @@ class Deliverer:
         late = now - ev.produced
         if late > s.late_after_s:
             subject = f"{delayed_prefix(late, s.locale)} {subject}"
-        errors: list[tuple[Account, SendError]] = []
-        for account in self._candidates():
-            if account.per_minute:
-                # critical events, and routes with digest = false, are never held: they
-                # still take a slot, so the limit sees every mail the account sends
-                wait = await self._redis(
-                    partial(self.queue.rate_acquire, account.name, account.per_minute,
-                            force=ev.event.severity == "critical" or not ev.digest,
-                            window_s=account.window_s),
-                    "rate",
-                )  # fmt: skip
-                if wait > 0:
-                    await self._hold([ev], account, wait)
-                    return
-            try:
-                msg = self.composer.compose(
-                    ev.event, event_id=ev.id, recipients=ev.recipients, subject=subject,
-                    notes=notes, sender=account.sender or None,
-                )  # fmt: skip
-                data = message_bytes(msg)
-            except Exception as exc:  # a template or encoding bug must not kill the lane
-                logger.exception("cannot compose event %s", ev.id)
-                await self._bury(ev.raw, ev.event, "invalid", f"cannot compose the mail: {exc}",
-                                 ev.event.attempts)  # fmt: skip
-                return
-            conn = account.mailer.connections[lane % len(account.mailer.connections)]
-            t0 = time.perf_counter()
-            try:
-                _result, timing = await conn.send(account.from_address, ev.recipients, data)
-            except Exception as exc:  # classify anything unexpected rather than crash the lane
-                err = classify(exc, account.settings.smtp_provider)
-                account.failed(err)
-                if isinstance(err, PermanentError):
-                    await self._bury(ev.raw, ev.event, "permanent",
-                                     f"refused by the SMTP server: {err}", ev.event.attempts + 1)  # fmt: skip
-                    return
-                errors.append((account, err))
-                continue
-            account.succeeded()
-            await self._delivered(ev, account, subject, time.perf_counter() - t0, timing)
-            return
-        await self._all_failed(ev, subject, errors, notes)
+        sent = await self._send_via(
+            lane, [ev], ev.recipients,
+            lambda account: self.composer.compose(
+                ev.event, event_id=ev.id, recipients=ev.recipients, subject=subject,
+                notes=notes, sender=account.sender or None,
+            ),
+            # critical events, and routes with digest = false, are never held: they still
+            # take a slot, so the limit sees every mail the account sends
+            force=ev.event.severity == "critical" or not ev.digest,
+        )  # fmt: skip
+        if isinstance(sent, list):
+            await self._all_failed(ev, subject, sent, notes)
+        elif sent is not None:
+            await self._delivered(ev, sent.account, subject, sent.smtp_s, sent.timing)
 
     async def _prepare(self, raw: bytes, fetched_at: float) -> _Event | None:
         """Parse and validate; dead-letter what cannot be sent; drop a repeat of a sent id."""
@@ -257,12 +237,61 @@ class Deliverer:
             window_s=window or self.settings.dedup_window_s,
         )  # fmt: skip
 
-    def _candidates(self) -> list[Account]:
-        """Accounts to try, in priority order; the primary when none is available (its
-        cool-down or pause then decides through the send's own error)."""
-        now = time.monotonic()
-        usable = [a for a in self.accounts if a.available(now)]
-        return usable
+    async def _send_via(
+        self,
+        lane: int,
+        evs: Sequence[_Event],
+        recipients: Sequence[str],
+        build: Callable[[Account], Mail],
+        *,
+        force: bool,
+        first: Account | None = None,
+    ) -> _Sent | list[tuple[Account, SendError]] | None:
+        """Send one mail (built per account: its From differs) on the first usable account,
+        ``first`` ahead of the priority order, failing over to the next on anything but a
+        permanent refusal. The first account's rate limit holds the events for a digest; a
+        later account that is full is skipped. Returns what was sent, or the errors when no
+        account took it, or None when the events were settled here (held, dead)."""
+        order = [a for a in dict.fromkeys((*([first] if first else []), *self.accounts))
+                 if a.available()]  # fmt: skip
+        errors: list[tuple[Account, SendError]] = []
+        for i, account in enumerate(order):
+            if account.per_minute:
+                wait = await self._redis(
+                    partial(self.queue.rate_acquire, account.name, account.per_minute,
+                            force=force, window_s=account.window_s),
+                    "rate",
+                )  # fmt: skip
+                if wait > 0:
+                    if i == 0:
+                        await self._hold(evs, account, wait)
+                        return None
+                    continue
+            try:
+                mail = build(account)
+            except Exception as exc:  # a template or encoding bug must not kill the lane
+                logger.exception("cannot compose the mail of %s", ", ".join(e.id for e in evs))
+                for e in evs:
+                    await self._bury(e.raw, e.event, "invalid", f"cannot compose the mail: {exc}",
+                                     e.event.attempts)  # fmt: skip
+                return None
+            conn = account.mailer.connections[lane % len(account.mailer.connections)]
+            t0 = time.perf_counter()
+            try:
+                _result, timing = await conn.send(account.from_address, recipients, mail.data)
+            except Exception as exc:  # classify anything unexpected rather than crash the lane
+                err = classify(exc, account.settings.smtp_provider)
+                account.failed(err)
+                if isinstance(err, PermanentError):
+                    for e in evs:
+                        await self._bury(e.raw, e.event, "permanent",
+                                         f"refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
+                    return None
+                errors.append((account, err))
+                continue
+            account.succeeded()
+            return _Sent(account, mail, time.perf_counter() - t0, timing)
+        return errors
 
     async def _delivered(
         self, ev: _Event, account: Account, subject: str, smtp_s: float, timing: SendTiming
@@ -444,59 +473,31 @@ class Deliverer:
             return
         home = self.by_name.get(group.rsplit(".", 1)[0], self.accounts[0])
         recipients = evs[0].recipients
-        # The group's own account first, then the others in priority order (failover): a
-        # digest is a new send like any other and must not wait for a down/paused account.
-        candidates = [a for a in dict.fromkeys((home, *self.accounts)) if a.available()]
-        sent = None
-        for account in candidates:
-            if account.per_minute:
-                wait = await self._redis(
-                    partial(self.queue.rate_acquire, account.name, account.per_minute,
-                            window_s=account.window_s), "rate",
-                )  # fmt: skip
-                if wait > 0:
-                    if account is home:  # its own limit: wait for its next slot
-                        await self._hold(evs, home, wait)
-                        return
-                    continue
-            msg = self.composer.compose_digest(
+        # The group's own account first, then the others (failover): a digest is a new send
+        # like any other and must not wait for a down or paused account.
+        sent = await self._send_via(
+            lane, evs, recipients,
+            lambda account: self.composer.compose_digest(
                 [(e.id, e.event) for e in evs], recipients=recipients,
                 sender=account.sender or None,
                 reason=f"{home.name}: rate limit {home.per_minute}/min reached",
-            )  # fmt: skip
-            conn = account.mailer.connections[lane % len(account.mailer.connections)]
-            t0 = time.perf_counter()
-            try:
-                _result, timing = await conn.send(account.from_address, recipients,
-                                                  message_bytes(msg))  # fmt: skip
-            except Exception as exc:
-                err = classify(exc, account.settings.smtp_provider)
-                account.failed(err)
-                if isinstance(err, PermanentError):
-                    for e in evs:
-                        await self._bury(e.raw, e.event, "permanent",
-                                         f"digest refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
-                    return
-                logger.warning(
-                    "digest of %d event(s) failed on %s (%s)", len(evs), account.name, err
-                )
-                continue
-            sent = account
-            break
+            ),
+            force=False, first=home,
+        )  # fmt: skip
         if sent is None:
+            return
+        if isinstance(sent, list):
             delay = max(1.0, min(a.retry_at() for a in self.accounts) - time.monotonic(),
                         backoff(1, base=self.settings.retry_base_s, cap=self.settings.retry_max_s))  # fmt: skip
-            logger.warning("digest of %d event(s): no account took it, held again for %.1f s",
-                           len(evs), delay)  # fmt: skip
+            logger.warning("digest of %d event(s): no account took it (%s), held again for %.1f s",
+                           len(evs), "; ".join(f"{a.name}: {e}" for a, e in sent), delay)  # fmt: skip
             await self._hold(evs, home, delay)
             return
-        account = sent
-        account.succeeded()
-        smtp_s = time.perf_counter() - t0
         done = time.time()
-        subject = msg.subject
-        record = {"t": round(done, 3), "o": "digest", "id": msg.message_id,
-                  "n": len(evs), "s": round(smtp_s, 4), "m": timing.mode, "a": account.name,
+        account, subject = sent.account, sent.mail.subject
+        record = {"t": round(done, 3), "o": "digest", "id": sent.mail.message_id,
+                  "n": len(evs), "s": round(sent.smtp_s, 4), "m": sent.timing.mode,
+                  "a": account.name,
                   "ls": [round(max(0.0, done - e.produced), 3) for e in evs]}  # fmt: skip
         await self._redis(
             partial(self.queue.ack_digest, [e.raw for e in evs], [e.id for e in evs], record),
@@ -504,9 +505,9 @@ class Deliverer:
         )
         for e in evs:
             latency = max(0.0, done - e.produced)
-            self.metrics.observe_delivery(latency, max(0.0, e.fetched_at - e.produced), smtp_s)
-            self._emit(Outcome("digest", e.id, subject, recipients, latency, 0.0, smtp_s,
-                               account=account.name))  # fmt: skip
+            self.metrics.observe_delivery(latency, max(0.0, e.fetched_at - e.produced), sent.smtp_s)
+            self._emit(Outcome("digest", e.id, subject, list(recipients), latency, 0.0,
+                               sent.smtp_s, account=account.name))  # fmt: skip
         self.metrics.digests.inc()
         self._count("sent", len(evs))
         logger.info("digest of %d event(s) sent to %s via %s: %s",

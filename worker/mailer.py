@@ -217,7 +217,6 @@ class ConnectTiming:
     tcp: float = 0.0
     tls: float = 0.0
     login: float = 0.0
-    greeting: float = 0.0
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -399,8 +398,6 @@ class Mailer:
         self.paused_reason: str | None = None
         self._paused_until = 0.0
         self._pause_s = 0.0
-        self._resumed = asyncio.Event()
-        self._resumed.set()
 
     @property
     def open_connections(self) -> int:
@@ -423,7 +420,6 @@ class Mailer:
         self._paused_until = time.monotonic() + self._pause_s
         first = self.paused_reason is None
         self.paused_reason = str(err)
-        self._resumed.clear()
         (logger.error if first else logger.warning)(
             "SMTP paused for %.0f s: %s; events stay queued", self._pause_s, err
         )
@@ -434,13 +430,9 @@ class Mailer:
             logger.warning("SMTP login works again; resuming delivery")
         self.paused_reason = None
         self._pause_s = 0.0
-        self._resumed.set()
 
     def pause_remaining(self) -> float:
         return max(0.0, self._paused_until - time.monotonic()) if self.paused else 0.0
-
-    async def wait_resumed(self) -> None:
-        await self._resumed.wait()
 
     async def warm_up(self) -> list[SendError]:
         """Open every lane's connection now, in parallel; returns the errors (if any)."""

@@ -402,12 +402,10 @@ class Queue:
             await self.redis.delete(*(self.keys.sending(c) for c in claims))
 
     # ------------------------------------------------------------------ settle
-    def _record(self, pipe: Any, record: dict[str, Any], counter: str, *extra: str) -> None:
+    def _record(self, pipe: Any, record: dict[str, Any], counter: str) -> None:
         pipe.lpush(self.keys.deliveries, json.dumps(record, separators=(",", ":")))
         pipe.ltrim(self.keys.deliveries, 0, self.deliveries_kept - 1)
         pipe.hincrby(self.keys.counters, counter, 1)
-        for name in extra:
-            pipe.hincrby(self.keys.counters, name, 1)
 
     async def ack(self, raw: bytes, event_id: str, record: dict[str, Any]) -> None:
         """Delivered: drop from processing, mark sent, release the claim, record it (one
@@ -421,13 +419,8 @@ class Queue:
         )  # fmt: skip
 
     async def ack_many(self, items: Sequence[tuple[bytes, str, dict[str, Any]]]) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        for raw, event_id, record in items:
-            pipe.lrem(self.processing, 1, _v(raw))
-            pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
-            self._release(pipe, event_id)
-            self._record(pipe, record, "delivered")
-        await pipe.execute()
+        """Several acks; issued together, they share one round trip (see ``_Batcher``)."""
+        await asyncio.gather(*(self.ack(raw, event_id, record) for raw, event_id, record in items))
 
     async def _settle(
         self,

@@ -112,14 +112,6 @@ class Worker:
     def counts(self) -> dict[str, int]:
         return self.deliverer.counts
 
-    @property
-    def on_outcome(self) -> Callable[[Outcome], None] | None:
-        return self.deliverer.on_outcome
-
-    @on_outcome.setter
-    def on_outcome(self, hook: Callable[[Outcome], None] | None) -> None:
-        self.deliverer.on_outcome = hook
-
     def _wake_scheduler(self) -> None:
         self._retry_added.set()
 
