@@ -10,6 +10,7 @@ always in exactly one of queue, processing, retry, held (digest) or dead, or del
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -459,9 +460,10 @@ class Deliverer:
         """Send one digest mail for the held events of ``group`` (now in processing)."""
         fetched_at = time.time()
         evs: list[_Event] = []
-        for raw in raws:
-            ev = await self._prepare(raw, fetched_at)  # dead-letters or drops what it must
-            if ev is None:
+        # prepared together, their claims share one round trip
+        prepared = await asyncio.gather(*(self._prepare(raw, fetched_at) for raw in raws))
+        for ev in prepared:
+            if ev is None:  # dead-lettered or dropped as a duplicate
                 continue
             if ev.event.expires_s is not None and fetched_at > ev.produced + ev.event.expires_s:
                 await self._bury(ev.raw, ev.event, "expired",
