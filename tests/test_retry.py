@@ -237,3 +237,19 @@ def test_one_outage_seen_by_every_lane_does_not_escalate_the_cool_down():
     wait = account.retry_at() - time.monotonic()
     assert not account.available()
     assert wait <= DOWN_BASE_S + 0.5, wait
+
+
+def test_cooldown_grows_only_when_a_probe_fails():
+    from worker.retry import Cooldown
+
+    now = [100.0]
+    cd = Cooldown(lambda: now[0])
+    assert cd.trip(base=5, cap=300, jitter=False) == 5
+    assert cd.trip(base=5, cap=300, jitter=False) is None  # same incident: unchanged
+    assert cd.remaining() == 5
+    now[0] += 5  # it ran out; the probe fails again
+    assert cd.trip(base=5, cap=300, jitter=False) == 10
+    now[0] += 10
+    assert cd.trip(base=5, cap=300, jitter=False) == 20
+    cd.reset()
+    assert cd.remaining() == 0 and cd.trip(base=5, cap=300, jitter=False) == 5

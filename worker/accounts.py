@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigurationError, SendError, ThrottledError, TransientError
 from .mailer import Mailer
-from .retry import backoff
+from .retry import Cooldown
 from .settings import Settings
 
 __all__ = ["Account"]
@@ -40,8 +40,8 @@ class Account:
         self.from_address = parseaddr(self.sender)[1]
         self.state = "ok"
         self.reason = ""
-        self.cooldown_until = 0.0
-        self._failures = 0
+        # throttled or down; the module's clock, read at each call (tests fake it)
+        self._cooldown = Cooldown(lambda: time.monotonic())
 
     # ------------------------------------------------------------------ state
     @property
@@ -53,13 +53,13 @@ class Account:
         now = time.monotonic() if now is None else now
         if self.mailer.paused:
             return self.mailer.pause_remaining() == 0.0
-        return now >= self.cooldown_until
+        return now >= self._cooldown.until
 
     def retry_at(self) -> float:
         """Monotonic time when this account may be tried again."""
         if self.mailer.paused:
             return time.monotonic() + self.mailer.pause_remaining()
-        return self.cooldown_until
+        return self._cooldown.until
 
     def failed(self, err: SendError) -> None:
         """Record a failed send (or login) on this account."""
@@ -67,34 +67,24 @@ class Account:
             self.mailer.pause(err)
             self._set("paused", str(err))
             return
-        now = time.monotonic()
-        if now < self.cooldown_until and isinstance(err, ThrottledError | TransientError):
-            # The lanes that fail together are one incident: only a failure after the
-            # cool-down (a failed probe) makes it longer.
-            if isinstance(err, ThrottledError) and self.state != "throttled":
-                self._set("throttled", str(err))
-            return
         if isinstance(err, ThrottledError):
-            self._failures += 1
-            delay = backoff(self._failures, base=self.settings.throttle_base_s,
-                            cap=max(self.settings.retry_max_s, self.settings.throttle_base_s))  # fmt: skip
-            self.cooldown_until = now + delay
-            self._set("throttled", f"{err} (cooling down {delay:.0f} s)")
-            return
-        if isinstance(err, TransientError) and err.code is None:
+            delay = self._cooldown.trip(base=self.settings.throttle_base_s,
+                                        cap=max(self.settings.retry_max_s,
+                                                self.settings.throttle_base_s))  # fmt: skip
+            self._set("throttled", str(err) if delay is None
+                      else f"{err} (cooling down {delay:.0f} s)")  # fmt: skip
+        elif isinstance(err, TransientError) and err.code is None:
             # no reply at all: cannot connect, disconnected, timed out -> the account is down
-            self._failures += 1
-            delay = backoff(self._failures, base=min(DOWN_BASE_S, self.settings.retry_base_s),
-                            cap=min(DOWN_MAX_S, self.settings.retry_max_s))  # fmt: skip
-            self.cooldown_until = now + delay
-            self._set("down", f"{err} (retrying in {delay:.1f} s)")
+            delay = self._cooldown.trip(base=min(DOWN_BASE_S, self.settings.retry_base_s),
+                                        cap=min(DOWN_MAX_S, self.settings.retry_max_s))  # fmt: skip
+            if delay is not None:
+                self._set("down", f"{err} (retrying in {delay:.1f} s)")
 
     def succeeded(self) -> None:
         if self.state != "ok" or self.mailer.paused:
             logger.warning("SMTP account %s works again (was %s)", self.name, self.state)
         self.mailer.resume()
-        self._failures = 0
-        self.cooldown_until = 0.0
+        self._cooldown.reset()
         self.state, self.reason = "ok", ""
 
     def _set(self, state: str, reason: str) -> None:

@@ -35,6 +35,7 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
+from .retry import Cooldown
 from .settings import Settings
 from .smtp_fast import FastSMTP, TransactResult
 
@@ -396,8 +397,7 @@ class Mailer:
             Connection(settings, ctx, name=str(i)) for i in range(settings.concurrency)
         ]
         self.paused_reason: str | None = None
-        self._paused_until = 0.0
-        self._pause_s = 0.0
+        self._pause = Cooldown(lambda: time.monotonic())  # read at each call (tests fake it)
 
     @property
     def open_connections(self) -> int:
@@ -408,31 +408,26 @@ class Mailer:
         return self.paused_reason is not None
 
     def pause(self, err: SendError) -> float:
-        """Pause all lanes after a configuration error; returns the pause length.
-
-        The lanes that fail together (a bad password fails every login at once) are one
-        incident: only a failure after the pause has run out (a failed probe) doubles it."""
-        remaining = self.pause_remaining()
-        if remaining > 0:
-            self.paused_reason = str(err)
-            return remaining
-        self._pause_s = min(self.PAUSE_MAX_S, max(self.PAUSE_MIN_S, self._pause_s * 2))
-        self._paused_until = time.monotonic() + self._pause_s
+        """Pause all lanes after a configuration error; returns the time left paused.
+        The lanes that fail together are one incident (see :class:`Cooldown`)."""
         first = self.paused_reason is None
         self.paused_reason = str(err)
+        delay = self._pause.trip(base=self.PAUSE_MIN_S, cap=self.PAUSE_MAX_S, jitter=False)
+        if delay is None:
+            return self._pause.remaining()
         (logger.error if first else logger.warning)(
-            "SMTP paused for %.0f s: %s; events stay queued", self._pause_s, err
+            "SMTP paused for %.0f s: %s; events stay queued", delay, err
         )
-        return self._pause_s
+        return delay
 
     def resume(self) -> None:
         if self.paused_reason is not None:
             logger.warning("SMTP login works again; resuming delivery")
         self.paused_reason = None
-        self._pause_s = 0.0
+        self._pause.reset()
 
     def pause_remaining(self) -> float:
-        return max(0.0, self._paused_until - time.monotonic()) if self.paused else 0.0
+        return self._pause.remaining() if self.paused else 0.0
 
     async def warm_up(self) -> list[SendError]:
         """Open every lane's connection now, in parallel; returns the errors (if any)."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 
-__all__ = ["backoff"]
+__all__ = ["Cooldown", "backoff"]
 
 
 def backoff(
@@ -27,3 +29,31 @@ def backoff(
     if not jitter:
         return ceiling
     return max(base / 10.0, (rng or random).uniform(0.0, ceiling))
+
+
+class Cooldown:
+    """The back-off of a whole resource (an SMTP account's pause or cool-down).
+
+    Tripping it while it runs is the same incident (every lane fails at once when a server
+    goes away): nothing changes. Only a trip after it ran out, i.e. a failed probe, makes
+    the next one longer (:func:`backoff` of the number of such trips)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.until = 0.0
+        self.trips = 0
+
+    def remaining(self) -> float:
+        return max(0.0, self.until - self._clock())
+
+    def trip(self, *, base: float, cap: float, jitter: bool = True) -> float | None:
+        """Start the next, longer cool-down and return its length; None while one runs."""
+        if self.remaining() > 0:
+            return None
+        self.trips += 1
+        delay = backoff(self.trips, base=base, cap=cap, jitter=jitter)
+        self.until = self._clock() + delay
+        return delay
+
+    def reset(self) -> None:
+        self.until, self.trips = 0.0, 0
