@@ -288,3 +288,22 @@ def test_error_never_echoes_a_password():
 def test_settings_class_is_what_load_settings_builds():
     assert isinstance(load_settings(concurrency=3), Settings)
     assert load_settings(concurrency=3).concurrency == 3
+
+
+def test_a_failover_account_never_borrows_the_primary_credential(tmp_path, monkeypatch):
+    """Under systemd each account has its own credential (smtp_password_<name>); a backup
+    account without one is an error, not a login with the primary's authorization code."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "smtp_password").write_text("primary-code-16ch")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text('[[account]]\nname = "backup"\nprovider = "163"\nusername = "me@163.com"\n')
+    base = {"smtp_provider": "qq", "smtp_username": "1@qq.com", "mail_to": "t@example.com",
+            "accounts_file": str(accounts)}  # fmt: skip
+    with pytest.raises(SettingsError, match="account 'backup': no password"):
+        load_settings(**base)
+    (creds / "smtp_password_backup").write_text("backup-code-16ch")
+    primary, backup = load_settings(**base).accounts()
+    assert primary.smtp_password.get_secret_value() == "primary-code-16ch"
+    assert backup.smtp_password.get_secret_value() == "backup-code-16ch"

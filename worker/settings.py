@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_password_file: Path | None = None
+    # the systemd credential holding the password ($CREDENTIALS_DIRECTORY/<name>); a failover
+    # account's is smtp_password_<account name>
+    smtp_password_credential: str = Field(default="smtp_password", pattern=r"^[A-Za-z0-9_.-]+$")
     smtp_validate_certs: bool = True
     smtp_ca_file: Path | None = None
     smtp_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
@@ -184,7 +187,9 @@ class Settings(BaseSettings):
         if self.smtp_port is None:
             self.smtp_port = {"ssl": 465, "starttls": 587, "none": 25}[self.smtp_tls]
         if self.smtp_password is None:
-            self.smtp_password = _read_password(self.smtp_password_file)
+            self.smtp_password = _read_password(
+                self.smtp_password_file, self.smtp_password_credential
+            )
         if self.mail_from is None and self.smtp_username and valid_address(self.smtp_username):
             self.mail_from = self.smtp_username
         if self.retry_max_s < self.retry_base_s:
@@ -270,11 +275,11 @@ def redacted_url(url: str) -> str:
         return "<unparsable URL>"
 
 
-def _read_password(path: Path | None) -> SecretStr | None:
+def _read_password(path: Path | None, credential: str) -> SecretStr | None:
     if path is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds and (Path(creds) / "smtp_password").is_file():
-            path = Path(creds) / "smtp_password"
+        if creds and (Path(creds) / credential).is_file():
+            path = Path(creds) / credential
     if path is None:
         return None
     try:
@@ -331,11 +336,7 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
         fields["smtp_account_name"] = name
         for key, value in acc.items():
             fields[_ACCOUNT_FIELDS[key]] = value
-        if fields["smtp_password"] is None and fields["smtp_password_file"] is None:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            candidate = Path(creds) / f"smtp_password_{name}" if creds else None
-            if candidate is not None and candidate.is_file():
-                fields["smtp_password_file"] = candidate
+        fields["smtp_password_credential"] = f"smtp_password_{name}"
         try:
             account = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
         except ValidationError as exc:
