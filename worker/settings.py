@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.event import check_addresses, valid_address
+from producer.redis_errors import redacted_url
 
 from .errors import NotifierError
 
@@ -256,23 +257,6 @@ class Settings(BaseSettings):
     @property
     def redis_url_display(self) -> str:
         return redacted_url(self.redis_url)
-
-
-def redacted_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and messages)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        return "<unparsable URL>"
 
 
 def _read_password(path: Path | None, credential: str) -> SecretStr | None:

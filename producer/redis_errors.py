@@ -1,0 +1,240 @@
+"""One line on what Redis said and what to do about it, for the producer, the CLI and the worker.
+
+    try:
+        client.lpush(key, text)
+    except (RedisError, OSError) as exc:
+        print(explain_redis_error(exc, url))  # one line, never a traceback, never a password
+
+Problems are told apart by exception type (redis-py maps Redis's error codes to classes) and
+by the ``OSError`` under a connection error; only ``MISCONF``, which has no class of its own,
+is recognised by the error code that starts Redis's reply.
+
+=================  ==================================  ====================================
+:class:`RedisProblem`  what happened                   :func:`is_write_refused`
+=================  ==================================  ====================================
+``FULL``           ``OOM command not allowed ...``     yes: up, reads work, writes refused
+``PERSISTENCE``    ``MISCONF ...`` (RDB/AOF failing)   yes
+``READONLY``       ``READONLY ...`` (a replica)        yes
+``AUTH``           ``NOAUTH`` / ``WRONGPASS``          no (nothing works)
+``NO_PERMISSION``  ``NOPERM`` (ACL)                    no
+``LOADING``        ``LOADING`` (reading its data set)  no (transient)
+``UNREACHABLE``    connection refused, reset, ...      no (down)
+``HOST_NOT_FOUND`` DNS lookup failed                   no (down)
+``TIMEOUT``        no answer in time                   no (down or frozen)
+``OTHER``          any other error                     no
+=================  ==================================  ====================================
+
+Everything in here is pure: no I/O, importable by the producer (redis and pydantic only).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from enum import StrEnum
+from urllib.parse import urlsplit, urlunsplit
+
+from redis import exceptions as rex
+
+__all__ = [
+    "RedisProblem",
+    "classify_redis_error",
+    "explain_redis_error",
+    "is_write_refused",
+    "redacted_url",
+]
+
+_URL_WITH_PASSWORD = "redis://:PASSWORD@host:port/db"
+# An error code at the start of Redis's reply, or after redis-py's pipeline annotation
+# ("Command # 1 (LPUSH ...) of pipeline caused error: MISCONF ...").
+_MISCONF = re.compile(r"(?:^|error: )MISCONF\b")
+_URL_PASSWORD = re.compile(r"\b((?:rediss?|unix|redis\+sentinel)://[^:@/\s]*):[^@\s]*@")
+_MAX_DETAIL = 200
+
+
+class RedisProblem(StrEnum):
+    """What went wrong between a client and Redis, as far as a person has to act on it."""
+
+    FULL = "full"
+    PERSISTENCE = "persistence"
+    READONLY = "readonly"
+    AUTH = "auth"
+    NO_PERMISSION = "no_permission"
+    LOADING = "loading"
+    UNREACHABLE = "unreachable"
+    HOST_NOT_FOUND = "host_not_found"
+    TIMEOUT = "timeout"
+    OTHER = "other"
+
+
+_WRITE_REFUSED = frozenset({RedisProblem.FULL, RedisProblem.PERSISTENCE, RedisProblem.READONLY})
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and messages)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``raise ... from``, or raised while handling), a few deep."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 6:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _speaks(link: BaseException) -> bool:
+    """A link that says what happened itself, not a wrapper raised ``from`` the real error
+    (such as ``NotifierUnavailable``, which is also a ``ConnectionError``)."""
+    return isinstance(link, rex.RedisError) or (
+        isinstance(link, OSError | TimeoutError) and link.__cause__ is None
+    )
+
+
+def _classify_one(exc: BaseException) -> RedisProblem | None:
+    if isinstance(exc, rex.OutOfMemoryError):
+        return RedisProblem.FULL
+    if isinstance(exc, rex.ReadOnlyError):
+        return RedisProblem.READONLY
+    if isinstance(exc, rex.AuthenticationError | rex.AuthenticationWrongNumberOfArgsError):
+        return RedisProblem.AUTH
+    if isinstance(exc, rex.NoPermissionError):
+        return RedisProblem.NO_PERMISSION
+    if isinstance(exc, rex.BusyLoadingError):
+        return RedisProblem.LOADING
+    if isinstance(exc, rex.ResponseError):
+        # MISCONF has no redis-py class; its code stays at the start of the reply.
+        return RedisProblem.PERSISTENCE if _MISCONF.search(str(exc)) else RedisProblem.OTHER
+    if isinstance(exc, rex.TimeoutError | TimeoutError):  # socket.timeout is TimeoutError
+        return RedisProblem.TIMEOUT
+    if isinstance(exc, socket.gaierror):
+        return RedisProblem.HOST_NOT_FOUND
+    if isinstance(exc, OSError):
+        return RedisProblem.UNREACHABLE
+    return None  # look at what caused it
+
+
+def classify_redis_error(exc: BaseException) -> RedisProblem:
+    """The :class:`RedisProblem` behind ``exc`` (a redis-py error, an ``OSError``, a
+    ``TimeoutError``, or an exception raised ``from`` one of them)."""
+    for link in _chain(exc):
+        problem = _classify_one(link) if _speaks(link) else None
+        if problem is not None:
+            return problem
+    # A redis-py ConnectionError without an OSError under it (the server closed on us,
+    # "max number of clients reached", ...): Redis cannot be used from here.
+    if any(isinstance(link, rex.ConnectionError) for link in _chain(exc)):
+        return RedisProblem.UNREACHABLE
+    return RedisProblem.OTHER
+
+
+def is_write_refused(exc: BaseException) -> bool:
+    """True when Redis is up but refuses writes (OOM, MISCONF, READONLY): retrying soon on
+    the same server will not help until a person acts, and it is not an outage."""
+    return classify_redis_error(exc) in _WRITE_REFUSED
+
+
+def _redis_cause(exc: BaseException) -> BaseException:
+    """The first redis-py error or OSError in the chain: its text says what Redis said."""
+    for link in _chain(exc):
+        if _speaks(link):
+            return link
+    return exc
+
+
+def _detail(exc: BaseException, url: str | None) -> str:
+    text = " ".join(str(_redis_cause(exc)).split()) or type(exc).__name__
+    if url:
+        password = _password(url)
+        if password:
+            text = text.replace(password, "***")
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _host(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def explain_redis_error(exc: BaseException, url: str | None = None) -> str:
+    """One line: what Redis (or the network) said and what to do; ``url`` is shown redacted
+    and its password never appears, even if the error text repeats it."""
+    where = f"Redis at {redacted_url(url)}" if url else "Redis"
+    problem = classify_redis_error(exc)
+    detail = _detail(exc, url)
+    match problem:
+        case RedisProblem.FULL:
+            return (
+                f"{where} is full (OOM: maxmemory reached, policy noeviction): raise maxmemory"
+                " or drain the queue (notifier stats / dead purge)"
+            )
+        case RedisProblem.PERSISTENCE:
+            return (
+                f"{where} refuses writes because persistence is failing (MISCONF): check its"
+                " disk and the RDB/AOF settings (its log says why)"
+            )
+        case RedisProblem.READONLY:
+            return (
+                f"{where} is a read-only replica (READONLY): point NOTIFIER_REDIS_URL at the master"
+            )
+        case RedisProblem.AUTH:
+            given = _password(url) if url else None
+            if url is None:
+                why = detail
+            elif given:
+                why = "wrong user or password"
+            else:
+                why = "it requires a password and none was given"
+            return (
+                f"{where} refused the password ({why}): set it in NOTIFIER_REDIS_URL"
+                f" ({_URL_WITH_PASSWORD})"
+            )
+        case RedisProblem.NO_PERMISSION:
+            return (
+                f"{where} denied a command to this user (NOPERM: {detail}): grant it with"
+                " ACL SETUSER or use another user in NOTIFIER_REDIS_URL"
+            )
+        case RedisProblem.LOADING:
+            return (
+                f"{where} is still loading its data set into memory (LOADING): wait until it"
+                " has finished"
+            )
+        case RedisProblem.HOST_NOT_FOUND:
+            host = _host(url)
+            named = f"host {host!r}" if host else "host"
+            return f"Redis {named} not found ({detail}): fix the host in NOTIFIER_REDIS_URL"
+        case RedisProblem.TIMEOUT:
+            return (
+                f"{where} did not answer in time ({detail}): check that it runs and is not"
+                " overloaded or stopped (redis-cli ping), or set NOTIFIER_REDIS_URL"
+            )
+        case RedisProblem.UNREACHABLE:
+            return f"{where} unreachable ({detail}): start it or set NOTIFIER_REDIS_URL"
+        case _:
+            return f"{where} answered with an error: {detail}"
