@@ -12,7 +12,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis
 import redis.asyncio as aredis
+import redis.exceptions
 
 from producer.keys import Keys
 from worker.queue import Queue, connect
@@ -117,9 +119,11 @@ async def test_ack_removes_exactly_that_element_and_marks_sent(q, r):
     await push(r, ev(1), same, ev(2), same)
     await q.fetch_ready(4)
     record = {"t": time.time(), "o": "sent", "id": "e1", "l": 0.05}
-    await q.ack(ev(1), "e1", record)
+    await q.ack(ev(1), q.claim_for("e1", "t"), record)
     assert sorted(await lrange(r, KEYS.processing("w1"))) == sorted([same, ev(2), same])
-    await q.ack(same, "edup", {"t": time.time(), "o": "sent", "id": "edup", "l": 0.1})
+    await q.ack(
+        same, q.claim_for("edup", "t"), {"t": time.time(), "o": "sent", "id": "edup", "l": 0.1}
+    )
     assert sorted(await lrange(r, KEYS.processing("w1"))) == sorted([same, ev(2)])
     assert await r.get(KEYS.sent("e1")) is not None
     assert 3500 < await r.ttl(KEYS.sent("e1")) <= 3600
@@ -133,7 +137,10 @@ async def test_ack_removes_exactly_that_element_and_marks_sent(q, r):
 async def test_ack_many_in_one_round_trip(q, r):
     await push(r, ev(1), ev(2), ev(3))
     await q.fetch_ready(3)
-    await q.ack_many([(ev(1), "e1", {"o": "sent"}), (ev(3), "e3", {"o": "sent"})])
+    await asyncio.gather(
+        q.ack(ev(1), q.claim_for("e1", "t"), {"o": "sent"}),
+        q.ack(ev(3), q.claim_for("e3", "t"), {"o": "sent"}),
+    )
     assert await lrange(r, KEYS.processing("w1")) == [ev(2)]
     assert await q.sent_marks(["e1", "e2", "e3"]) == [True, False, True]
 
@@ -142,7 +149,7 @@ async def test_deliveries_are_capped(make_queue, r):
     q = make_queue("w1", deliveries_kept=100)
     for i in range(105):
         await r.lpush(KEYS.processing("w1"), ev(i))
-        await q.ack(ev(i), f"e{i}", {"t": i, "o": "sent"})
+        await q.ack(ev(i), q.claim_for(f"e{i}", "t"), {"t": i, "o": "sent"})
     assert await r.llen(KEYS.deliveries) == 100
     assert (await q.counters())["delivered"] == 105
 
@@ -184,7 +191,13 @@ async def test_bury_moves_to_dead_with_the_reason(q, r):
 async def test_split_acks_and_schedules_the_refused_part(q, r):
     await push(r, ev(1))
     await q.fetch_ready(1)
-    await q.split(ev(1), "e1", {"o": "sent"}, '{"id":"e1.r1","subject":"s"}', time.time() + 5)
+    await q.split(
+        ev(1),
+        q.claim_for("e1", "t"),
+        {"o": "sent"},
+        '{"id":"e1.r1","subject":"s"}',
+        time.time() + 5,
+    )
     assert await r.llen(KEYS.processing("w1")) == 0
     assert await q.sent_marks(["e1"]) == [True]
     assert await r.zcard(KEYS.retry) == 1
@@ -365,3 +378,95 @@ async def test_settling_an_event_no_longer_held_adds_no_copy(q, r):
     assert not await q.requeue(b"e")
     assert await r.zcard(KEYS.retry) == 1
     assert await r.llen(KEYS.dead) == 0 and await r.llen(KEYS.queue) == 0
+
+
+# -- claims, heartbeats and a full Redis (issue 9) ------------------------------------------
+
+
+async def test_ack_of_an_event_returned_meanwhile_still_marks_it_sent(make_queue, r):
+    """The worker was taken for dead while it sent: the returned copy must be dropped as a
+    duplicate, so the sent mark is set although the event is no longer in its list."""
+    q = make_queue("w1")
+    claim = q.claim_for("e1", "t1")
+    assert await q.claim(claim) == "claimed"
+    assert not await q.ack(ev(1), claim, {"t": 1, "o": "sent", "id": "e1"})
+    assert await r.exists(KEYS.sent("e1")) == 1
+    assert await r.exists(KEYS.sending("e1")) == 0  # our claim released
+
+
+async def test_settle_releases_only_its_own_claim_even_when_the_event_is_gone(make_queue, r):
+    q, other = make_queue("w1"), make_queue("w2")
+    await q.heartbeat({})
+    await other.heartbeat({})
+    mine, theirs = q.claim_for("e1", "t1"), other.claim_for("e2", "t2")
+    assert await q.claim(mine) == "claimed"
+    assert await other.claim(theirs) == "claimed"
+    # neither event is in w1's processing list: nothing is settled, but w1's claim goes
+    assert not await q.retry(ev(1), "again", 1.0, {"t": 1, "o": "retry", "id": "e1"}, mine)
+    assert await r.exists(KEYS.sending("e1")) == 0
+    # a claim with the same id but another owner's value is left alone
+    assert not await q.bury(ev(2), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e2"},
+                            q.claim_for("e2", "t2"))  # fmt: skip
+    assert await r.get(KEYS.sending("e2")) == theirs.value.encode()
+    await q.release([q.claim_for("e2", "other-token")])
+    assert await r.exists(KEYS.sending("e2")) == 1
+    await other.release([theirs])
+    assert await r.exists(KEYS.sending("e2")) == 0
+
+
+async def test_a_full_redis_refuses_a_settle_as_a_whole_but_not_the_heartbeat(
+    make_queue, redis_factory
+):
+    """At maxmemory with noeviction a script used to run up to its first write that grows
+    memory: LREM from processing, then the LPUSH to dead refused: the event was lost."""
+    server = redis_factory(extra_args=("--maxmemory-policy", "noeviction"))
+    client = connect(server.url)
+    try:
+        q = Queue(client, KEYS, "w1")
+        await client.rpush(q.processing, ev(1))
+        await client.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await q.bury(ev(1), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e1"})
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await q.ack(ev(1), q.claim_for("e1", "t"), {"t": 1, "o": "sent", "id": "e1"})
+        assert await client.lrange(q.processing, 0, -1) == [ev(1)]  # nothing half-done
+        assert not await q.heartbeat({"pid": 1})  # allowed while full (first registration)
+        assert await q.heartbeat({"pid": 1})
+        assert await client.exists(KEYS.heartbeat("w1")) == 1
+        await client.config_set("maxmemory", 0)
+        assert await q.bury(ev(1), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e1"})
+    finally:
+        await client.aclose()
+
+
+async def test_heartbeat_tells_a_worker_that_it_was_taken_for_dead(make_queue, r):
+    q, other = make_queue("w1", heartbeat_ttl_s=10), make_queue("w2")
+    assert not await q.heartbeat({})  # first registration
+    assert await q.heartbeat({})
+    await r.rpush(q.processing, ev(1))
+    await r.delete(KEYS.heartbeat("w1"))  # its heartbeat lapsed
+    assert await other.recover() == {"w1": 1}
+    assert not await q.heartbeat({})  # it learns that its events were returned
+    assert await q.heartbeat({})
+
+
+async def test_a_worker_fences_itself_when_its_heartbeat_is_not_renewed(make_queue):
+    now = [100.0]
+    q = make_queue("w1", heartbeat_ttl_s=4, clock=lambda: now[0])
+    assert q.fenced  # never renewed
+    await q.heartbeat({})
+    assert not q.fenced and q.lease_left() == pytest.approx(4)
+    now[0] += 1.9
+    assert not q.fenced
+    now[0] += 0.2  # half the TTL gone without a renewal: no new sends
+    assert q.fenced
+    await q.heartbeat({})
+    assert not q.fenced
+
+
+async def test_foreign_queues_name_a_prefix_that_only_a_producer_uses(q, r):
+    await r.lpush("notifer:queue", json.dumps({"subject": "typo prefix"}))
+    await r.lpush("celery:queue", "not an event")
+    await r.lpush(KEYS.queue, ev(1))
+    await r.zadd("arq:queue", {"job": 1})
+    assert await q.foreign_queues() == {"notifer:queue": 1}

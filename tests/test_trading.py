@@ -171,7 +171,9 @@ async def test_hold_take_digest_and_ack(q: Queue, redis_url: str):
         assert r.zcard(KEYS.digests) == 0
         assert sorted(r.lrange(q.processing, 0, -1)) == sorted(raws)
         assert await q.take_digest(now=T0 + 100) is None
-        await q.ack_digest(taken, [f"h{i}" for i in range(5)], {"t": T0, "o": "digest", "n": 5})
+        await q.ack_digest(
+            taken, [q.claim_for(f"h{i}", "t") for i in range(5)], {"t": T0, "o": "digest", "n": 5}
+        )
         assert r.llen(q.processing) == 0
         assert all(await q.sent_marks([f"h{i}" for i in range(5)]))
         counters = await q.counters()

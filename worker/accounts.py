@@ -80,12 +80,15 @@ class Account:
             if delay is not None:
                 self._set("down", f"{err} (retrying in {delay:.1f} s)")
 
-    def succeeded(self) -> None:
-        if self.state != "ok" or self.mailer.paused:
+    def succeeded(self) -> bool:
+        """Record a successful send (or login); True when the account was paused."""
+        was_paused = self.mailer.paused
+        if self.state != "ok" or was_paused:
             logger.warning("SMTP account %s works again (was %s)", self.name, self.state)
         self.mailer.resume()
         self._cooldown.reset()
         self.state, self.reason = "ok", ""
+        return was_paused
 
     def _set(self, state: str, reason: str) -> None:
         if state != self.state:

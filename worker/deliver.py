@@ -33,7 +33,7 @@ from .errors import (
 )
 from .mailer import SendTiming, classify
 from .metrics import Metrics
-from .queue import Queue
+from .queue import Claim, Queue
 from .retry import backoff
 from .settings import Settings
 
@@ -78,6 +78,7 @@ class _Event:
     raw: bytes
     event: Event
     id: str
+    claim: Claim
     first_seen: float
     produced: float
     fetched_at: float
@@ -129,6 +130,9 @@ class Deliverer:
         self.allowed = settings.allowed
         self.routes = settings.routes
         self.counts: dict[str, int] = {}
+        # claims taken by each lane's current handling (released by its settle; kept here
+        # for the dead letter of an unexpected error)
+        self._claims: dict[int, dict[bytes, Claim]] = {}
 
     async def _redis(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         result: T = await self._guard(op, what)
@@ -136,7 +140,7 @@ class Deliverer:
 
     # ================================================================== one event
     async def handle(self, lane: int, raw: bytes, fetched_at: float) -> None:
-        ev = await self._prepare(raw, fetched_at)
+        ev = await self._prepare(lane, raw, fetched_at)
         if ev is None:
             return
         s = self.settings
@@ -145,7 +149,7 @@ class Deliverer:
             await self._bury(ev.raw, ev.event, "expired",
                              f"could not be delivered within expires_s={ev.event.expires_s:g} "
                              f"(now {now - ev.produced:.0f} s after it was produced)",
-                             ev.event.attempts)  # fmt: skip
+                             ev.event.attempts, ev.claim)  # fmt: skip
             return
         notes: list[str] = []
         if ev.event.dedup_key is not None and ev.event.attempts == 0:
@@ -154,7 +158,7 @@ class Deliverer:
             )
             if suppressed:
                 record = {"t": round(now, 3), "o": "suppressed", "id": ev.id}
-                await self._redis(partial(self.queue.suppressed, ev.raw, record, ev.id), "ack")
+                await self._redis(partial(self.queue.suppressed, ev.raw, record, ev.claim), "ack")
                 self.metrics.suppressed.inc()
                 self._count("suppressed")
                 logger.info("suppressed %s: repeat %d of %r in its window", ev.id, count,
@@ -184,12 +188,12 @@ class Deliverer:
         elif sent is not None:
             await self._delivered(ev, sent.account, subject, sent.smtp_s, sent.timing)
 
-    async def _prepare(self, raw: bytes, fetched_at: float) -> _Event | None:
+    async def _prepare(self, lane: int, raw: bytes, fetched_at: float) -> _Event | None:
         """Parse and validate; dead-letter what cannot be sent; drop a repeat of a sent id."""
         try:
             event = parse_event(raw)
         except InvalidEvent as exc:
-            await self._bury(raw, None, "invalid", exc.reason, attempts=0, claimed=False)
+            await self._bury(raw, None, "invalid", exc.reason, attempts=0)
             return None
         event_id = event.id or new_event_id()
         if event.id is None:
@@ -202,16 +206,15 @@ class Deliverer:
             if outside:
                 await self._bury(raw, event, "invalid",
                                  f"recipient(s) {', '.join(outside[:5])} not allowed: add them to "
-                                 "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO", event.attempts,
-                                 claimed=False)  # fmt: skip
+                                 "NOTIFIER_ALLOWED_RECIPIENTS or NOTIFIER_MAIL_TO", event.attempts)  # fmt: skip
                 return None
             recipients = list(event.to)
         elif route is not None:
             recipients = list(route.to)
         else:
             recipients = list(self.settings.mail_to)
-        token = new_event_id()[:12]
-        state = await self._redis(partial(self.queue.claim, event_id, token), "claim")
+        claim = self.queue.claim_for(event_id, new_event_id()[:12])
+        state = await self._redis(partial(self.queue.claim, claim), "claim")
         if state == "sent":
             await self._redis(partial(self.queue.skip_duplicate, raw), "ack")
             logger.info("duplicate %s: already delivered, dropped", event_id)
@@ -230,9 +233,10 @@ class Deliverer:
             logger.info("event %s is being sent by another lane: checking again in %.0f s",
                         event_id, IN_FLIGHT_RECHECK_S)  # fmt: skip
             return None
+        self._claims.setdefault(lane, {})[raw] = claim
         window = event.dedup_window_s or (route.dedup_window_s if route else None)
         return _Event(
-            raw=raw, event=event, id=event_id, first_seen=first_seen,
+            raw=raw, event=event, id=event_id, claim=claim, first_seen=first_seen,
             produced=event.ts if event.ts is not None else first_seen, fetched_at=fetched_at,
             recipients=recipients, digest=route.digest if route is not None else True,
             window_s=window or self.settings.dedup_window_s,
@@ -274,7 +278,10 @@ class Deliverer:
                 logger.exception("cannot compose the mail of %s", ", ".join(e.id for e in evs))
                 for e in evs:
                     await self._bury(e.raw, e.event, "invalid", f"cannot compose the mail: {exc}",
-                                     e.event.attempts)  # fmt: skip
+                                     e.event.attempts, e.claim)  # fmt: skip
+                return None
+            if self.queue.fenced:
+                await self._fenced(evs)
                 return None
             conn = account.mailer.connections[lane % len(account.mailer.connections)]
             t0 = time.perf_counter()
@@ -286,11 +293,14 @@ class Deliverer:
                 if isinstance(err, PermanentError):
                     for e in evs:
                         await self._bury(e.raw, e.event, "permanent",
-                                         f"refused by the SMTP server: {err}", e.event.attempts + 1)  # fmt: skip
+                                         f"refused by the SMTP server: {err}", e.event.attempts + 1, e.claim)  # fmt: skip
                     return None
                 errors.append((account, err))
                 continue
-            account.succeeded()
+            if account.succeeded():
+                # the pause flag that `check` and `stats` show is cleared by any worker whose
+                # login works again
+                await self._redis(partial(self.queue.set_paused, None), "resume")
             return _Sent(account, mail, time.perf_counter() - t0, timing)
         return errors
 
@@ -308,7 +318,7 @@ class Deliverer:
         if timing.refused:
             await self._refused(ev, record, timing.refused)
         else:
-            await self._redis(partial(self.queue.ack, ev.raw, ev.id, record), "ack")
+            await self._redis(partial(self.queue.ack, ev.raw, ev.claim, record), "ack")
         self.metrics.observe_delivery(latency, queue_wait, smtp_s)
         self._count("sent")
         line = (
@@ -336,7 +346,7 @@ class Deliverer:
         due = time.time() + backoff(
             n, base=self.settings.retry_base_s, cap=self.settings.retry_max_s
         )
-        await self._redis(partial(self.queue.split, ev.raw, ev.id, record, again, due), "ack")
+        await self._redis(partial(self.queue.split, ev.raw, ev.claim, record, again, due), "ack")
         self._retried()
 
     async def _all_failed(
@@ -348,7 +358,7 @@ class Deliverer:
         if not errors:
             # every account is cooling down or paused: wait for the first to be usable
             if all(a.paused for a in self.accounts):
-                await self._redis(partial(self.queue.requeue, ev.raw, ev.id), "requeue")
+                await self._redis(partial(self.queue.requeue, ev.raw, ev.claim), "requeue")
                 self._emit(Outcome("requeued", ev.id, subject, reason="configuration"))
                 return
             wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
@@ -361,7 +371,7 @@ class Deliverer:
             return
         kinds = [e for _, e in errors]
         if all(isinstance(e, ConfigurationError) for e in kinds):
-            await self._redis(partial(self.queue.requeue, ev.raw, ev.id), "requeue")
+            await self._redis(partial(self.queue.requeue, ev.raw, ev.claim), "requeue")
             reason_text = str(kinds[0])
             await self._redis(partial(self.queue.set_paused, reason_text), "pause")
             self.metrics.paused.set(1 if all(a.paused for a in self.accounts) else 0)
@@ -374,7 +384,7 @@ class Deliverer:
         attempts = ev.event.attempts + (0 if throttled else 1)
         if attempts >= s.max_attempts:
             await self._bury(ev.raw, ev.event, "exhausted",
-                             f"gave up after {attempts} attempts; last error: {err}", attempts)  # fmt: skip
+                             f"gave up after {attempts} attempts; last error: {err}", attempts, ev.claim)  # fmt: skip
             return
         await self._retry(ev, subject, err, "throttled" if throttled else "transient",
                           counts=not throttled, notes=notes)  # fmt: skip
@@ -395,14 +405,14 @@ class Deliverer:
             if left <= delay:  # the retry would come too late: expire it now, say why
                 await self._bury(ev.raw, ev.event, "expired",
                                  f"expires_s={ev.event.expires_s:g} would pass before the next "
-                                 f"attempt; last error: {err}", attempts)  # fmt: skip
+                                 f"attempt; last error: {err}", attempts, ev.claim)  # fmt: skip
                 return
         due = time.time() + delay
         again = ev.event.with_meta(attempts=attempts, last_error=str(err)[:500],
                                    first_seen=ev.first_seen,
                                    note=notes[0] if notes else None).to_json()  # fmt: skip
         record = {"t": round(time.time(), 3), "o": "retry", "id": ev.id, "reason": reason}
-        await self._redis(partial(self.queue.retry, ev.raw, again, due, record, ev.id), "retry")
+        await self._redis(partial(self.queue.retry, ev.raw, again, due, record, ev.claim), "retry")
         self._retried()
         self.metrics.retried.labels(reason).inc()
         self._count("retry")
@@ -411,34 +421,62 @@ class Deliverer:
         self._emit(Outcome("retry", ev.id, subject, reason=reason, error=str(err),
                            attempts=attempts))  # fmt: skip
 
+    async def _fenced(self, evs: Sequence[_Event]) -> None:
+        """This worker's heartbeat has not been renewed for half its TTL: it could be taken
+        for dead and its events handed to another worker, so it starts no send. The events
+        go back to the queue (a no-op for any that was already returned)."""
+        left = self.queue.lease_left()
+        for e in evs:
+            await self._redis(partial(self.queue.requeue, e.raw, e.claim), "requeue")
+            logger.warning("not sending %s: this worker's heartbeat was not renewed (%.1f s of "
+                           "its lease left); back to the queue", e.id, max(0.0, left))  # fmt: skip
+            self._emit(Outcome("requeued", e.id, reason="fenced"))
+
     def _retried(self) -> None:
         if self._on_retry is not None:
             self._on_retry()
 
     async def _bury(
-        self, raw: bytes, event: Event | None, reason: str, error: str, attempts: int,
-        claimed: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        raw: bytes,
+        event: Event | None,
+        reason: str,
+        error: str,
+        attempts: int,
+        claim: Claim | None = None,
+    ) -> None:
         event_id = event.id if event and event.id else _raw_id(raw)
         letter: dict[str, Any] = {
-            "event": _text(raw), "id": event_id, "reason": reason, "error": error,
-            "attempts": attempts, "failed_at": time.time(), "worker": self.queue.worker_id,
-        }  # fmt: skip
+            "event": _text(raw),
+            "id": event_id,
+            "reason": reason,
+            "error": error,
+            "attempts": attempts,
+            "failed_at": time.time(),
+            "worker": self.queue.worker_id,
+        }
         if len(raw) > MAX_DEAD_TEXT:
             letter["event_bytes"] = len(raw)
             letter["event_truncated"] = True
         record = {"t": round(time.time(), 3), "o": "dead", "id": event_id, "reason": reason}
-        claim = event_id if claimed and event_id else None
-        await self._redis(partial(self.queue.bury, raw, letter, record, claim), "dead")
+        stored = await self._redis(partial(self.queue.bury, raw, letter, record, claim), "dead")
+        if not stored:  # no longer ours: the worker that holds it now settles it
+            logger.warning("event %s was returned to the queue meanwhile: not dead-lettered here",
+                           event_id or "<no id>")  # fmt: skip
+            return
         self.metrics.dead.labels(reason).inc()
         self._count("dead")
         logger.error("dead letter %s (%s): %s", event_id or "<no id>", reason, error)
         self._emit(Outcome("dead", event_id, reason=reason, error=error, attempts=attempts))
 
-    async def bury_internal(self, raw: bytes, exc: BaseException) -> None:
-        """Dead-letter an event whose handling hit a bug (the claim, if any, released)."""
+    def begin(self, lane: int) -> None:
+        """A lane starts a new handling: forget the claims of its previous one."""
+        self._claims[lane] = {}
+
+    async def bury_internal(self, lane: int, raw: bytes, exc: BaseException) -> None:
+        """Dead-letter an event whose handling hit a bug (the lane's claim on it released)."""
         await self._bury(raw, None, "internal", f"internal error: {type(exc).__name__}: {exc}",
-                         attempts=0)  # fmt: skip
+                         attempts=0, claim=self._claims.get(lane, {}).get(raw))  # fmt: skip
 
     # ================================================================== digests
     def _group(self, account: Account, recipients: Sequence[str]) -> str:
@@ -449,7 +487,7 @@ class Deliverer:
         group = self._group(account, evs[0].recipients)
         due = time.time() + wait
         await self._redis(partial(self.queue.hold, group, [e.raw for e in evs], due), "hold")
-        await self._redis(partial(self.queue.release, [e.id for e in evs]), "hold")
+        await self._redis(partial(self.queue.release, [e.claim for e in evs]), "hold")
         self._count("held")
         logger.info("rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s",
                     account.name, account.per_minute, len(evs), wait)  # fmt: skip
@@ -461,14 +499,14 @@ class Deliverer:
         fetched_at = time.time()
         evs: list[_Event] = []
         # prepared together, their claims share one round trip
-        prepared = await asyncio.gather(*(self._prepare(raw, fetched_at) for raw in raws))
+        prepared = await asyncio.gather(*(self._prepare(lane, raw, fetched_at) for raw in raws))
         for ev in prepared:
             if ev is None:  # dead-lettered or dropped as a duplicate
                 continue
             if ev.event.expires_s is not None and fetched_at > ev.produced + ev.event.expires_s:
                 await self._bury(ev.raw, ev.event, "expired",
                                  f"could not be delivered within expires_s={ev.event.expires_s:g} "
-                                 "(held for a digest: rate limit reached)", ev.event.attempts)  # fmt: skip
+                                 "(held for a digest: rate limit reached)", ev.event.attempts, ev.claim)  # fmt: skip
                 continue
             evs.append(ev)
         if not evs:
@@ -502,7 +540,7 @@ class Deliverer:
                   "a": account.name,
                   "ls": [round(max(0.0, done - e.produced), 3) for e in evs]}  # fmt: skip
         await self._redis(
-            partial(self.queue.ack_digest, [e.raw for e in evs], [e.id for e in evs], record),
+            partial(self.queue.ack_digest, [e.raw for e in evs], [e.claim for e in evs], record),
             "ack",
         )
         for e in evs:
@@ -514,6 +552,18 @@ class Deliverer:
         self._count("sent", len(evs))
         logger.info("digest of %d event(s) sent to %s via %s: %s",
                     len(evs), ",".join(recipients), account.name, subject)  # fmt: skip
+        slow = [e for e in evs if done - e.produced > self.settings.latency_target_s]
+        if slow:  # the cost of the rate limit, visible where slow single mails are
+            ids = ", ".join(e.id for e in slow[:10]) + (", ..." if len(slow) > 10 else "")
+            logger.warning(
+                "SLOW %d held event(s) delivered in a digest up to %.1f s after they were "
+                "produced (rate limit of %s (%d/min)): %s",
+                len(slow),
+                max(done - e.produced for e in slow),
+                home.name,
+                home.per_minute,
+                ids,
+            )
 
     # ================================================================== helpers
     def _emit(self, outcome: Outcome) -> None:

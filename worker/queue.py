@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,10 +30,10 @@ import redis.asyncio as aredis
 
 from producer.keys import Keys
 
-__all__ = ["Depths", "Queue", "connect"]
+__all__ = ["Claim", "Depths", "Queue", "connect"]
 
 # Move up to ARGV[1] elements from the queue's right (oldest) end into the processing list.
-FETCH_MANY = """
+FETCH_MANY = """#!lua
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
   local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
@@ -45,7 +45,7 @@ return out
 
 # Move due retry entries (score <= ARGV[1], at most ARGV[2]) to the front (right end) of the
 # queue, the earliest due ending up first in line.
-SCHEDULE = """
+SCHEDULE = """#!lua
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for i = #due, 1, -1 do
   redis.call('ZREM', KEYS[1], due[i])
@@ -57,7 +57,7 @@ return #due
 # Return the processing lists of workers whose heartbeat key has expired to the front of the
 # queue (oldest first in line) and forget those workers. ARGV[1] = key prefix; ARGV[2] = a
 # worker id to treat as dead even if its heartbeat exists (its own restart), or ''.
-RECOVER = """
+RECOVER = """#!lua
 local res = {}
 for _, wid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if wid == ARGV[2] or redis.call('EXISTS', ARGV[1] .. ':worker:' .. wid) == 0 then
@@ -78,7 +78,7 @@ return res
 # After a lost reply on the fetch path (Redis restarted, a timeout), an event can sit in this
 # worker's processing list although the worker never received it. Move every element that
 # the worker does not hold (ARGV, with repeats) back to the front of the queue.
-RECONCILE = """
+RECONCILE = """#!lua
 local held = {}
 for i = 1, #ARGV do held[ARGV[i]] = (held[ARGV[i]] or 0) + 1 end
 local moved = 0
@@ -95,7 +95,7 @@ return moved
 """
 
 # Replay one dead letter: remove it (exactly that element) and queue its event text.
-REPLAY = """
+REPLAY = """#!lua
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[2])
   return 1
@@ -107,7 +107,7 @@ return 0
 # Sliding-window rate limit of one SMTP account (shared by every worker): at most ARGV[3]
 # sends in any ARGV[2] seconds. Returns '0' and records the send when allowed (or when
 # ARGV[5] == '1': critical events are never held), else the seconds until a slot frees.
-RATE = """
+RATE = """#!lua
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local n = redis.call('ZCARD', KEYS[1])
@@ -123,7 +123,7 @@ return tostring(math.max(0.001, tonumber(first[2]) + window - now))
 # Repeat suppression for one dedup key. The first event opens a window and is sent (with the
 # count and start of the previous window, for "repeated N× in ..."); later events in the
 # window are counted and suppressed; a retry of the window's own event is never suppressed.
-SUPPRESS = """
+SUPPRESS = """#!lua
 local now = tonumber(ARGV[1])
 local untl = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
 if now < untl then
@@ -141,7 +141,7 @@ return {'send', prev, since}
 
 # Hold events for a digest: processing -> held:<group> (all of ARGV[3..]), and make sure the
 # group is scheduled (the earliest due time wins). ARGV[1] = group, ARGV[2] = due.
-HOLD = """
+HOLD = """#!lua
 local moved = 0
 for i = 3, #ARGV do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
@@ -157,7 +157,7 @@ return moved
 """
 
 # Take one due digest group: held:<group> -> processing (oldest first in the reply).
-TAKE_DIGEST = """
+TAKE_DIGEST = """#!lua
 local groups = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
 if #groups == 0 then return {} end
 local g = groups[1]
@@ -177,7 +177,7 @@ return items
 # 'sent': already delivered; 'busy': a live process holds the claim; 'claimed': ours now
 # (also when the claim is already ours: the reply to an earlier call was lost). A claim
 # whose owner's heartbeat is gone (or belongs to another run of it) is taken over.
-CLAIM = """
+CLAIM = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'sent' end
 local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= ARGV[1] then
@@ -192,37 +192,63 @@ return 'claimed'
 """
 
 
-# Delivered: out of processing, the sent mark, the claim released, an outcome record, the
+# Delivered: out of processing, the sent mark, our claim released, an outcome record, the
 # counter: one command (the hot path; a MULTI of seven costs several times the client CPU).
-ACK = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
+# The mark is set even when the event is no longer in this worker's processing list (it was
+# returned to the queue while this worker, taken for dead, was still sending it): it was
+# delivered, so the returned copy must be dropped as a duplicate. Returns 1 when it was held.
+ACK = """#!lua
+local held = redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-redis.call('DEL', KEYS[3])
+if redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('DEL', KEYS[3]) end
 redis.call('LPUSH', KEYS[4], ARGV[3])
 redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
 redis.call('HINCRBY', KEYS[5], 'delivered', 1)
-return 1
+return held
 """
 
 
 # Settle an event this worker holds: only if it is still in this worker's processing list
 # (a worker thought dead and recovered by another, or a call retried after a lost reply,
-# must not add a second copy to retry/dead/queue). ARGV: raw, op (zadd|lpush|rpush|none),
-# member, score, release the claim (1/0), record ('' for none), records kept, counters...
-# KEYS: processing, target, claim key, deliveries, counters. Returns 1 when settled.
-SETTLE = """
+# must not add a second copy to retry/dead/queue). Our claim on the id is released in any
+# case: a claim whose owner no longer holds the event would stall the copy that does.
+# ARGV: raw, op (zadd|lpush|rpush|none), member, score, our claim value ('' for none),
+# record ('' for none), records kept, counters... KEYS: processing, target, claim key,
+# deliveries, counters. Returns 1 when settled.
+SETTLE = """#!lua
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('DEL', KEYS[3]) end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 local op = ARGV[2]
 if op == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 elseif op == 'lpush' then redis.call('LPUSH', KEYS[2], ARGV[3])
 elseif op == 'rpush' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
-if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
 if ARGV[6] ~= '' then
   redis.call('LPUSH', KEYS[4], ARGV[6])
   redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
 end
 for i = 8, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
 return 1
+"""
+
+# Release claims that are still ours (KEYS: claim keys; ARGV: our value of each).
+RELEASE = """#!lua
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"""
+
+# Renew this worker's heartbeat (and registration). Allowed while Redis is at maxmemory
+# (allow-oom): it overwrites one small key, and a worker whose heartbeat a full Redis refused
+# would be taken for dead and its in-flight events sent a second time. Returns 1 when the
+# worker was still registered, 0 when it was not (first start, or another worker took it for
+# dead and returned its processing list to the queue).
+RENEW = """#!lua flags=allow-oom
+local was = redis.call('SISMEMBER', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return was
 """
 
 
@@ -276,6 +302,18 @@ def _v(value: object) -> Any:
     return value
 
 
+def _looks_like_event(raw: bytes | str) -> bool:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and any(k in obj for k in ("subject", "body", "data"))
+
+
+def _json(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -288,6 +326,15 @@ def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
         socket_timeout=timeout + 5.0,  # above the blocking fetch's wait
         health_check_interval=30,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This worker's claim on an event id for one handling (see ``CLAIM``): ``value`` is
+    what the claim key holds while it is ours; only that value is ever released."""
+
+    event_id: str
+    value: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +358,7 @@ class Queue:
         sent_ttl_s: int = 7 * 24 * 3600,
         deliveries_kept: int = 20000,
         heartbeat_ttl_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -318,12 +366,20 @@ class Queue:
         self.processing = keys.processing(worker_id)
         self.sent_ttl_s = sent_ttl_s
         self.deliveries_kept = deliveries_kept
+        self.heartbeat_ttl_s = heartbeat_ttl_s
         self.heartbeat_ttl_ms = int(heartbeat_ttl_s * 1000)
+        self._clock = clock
+        # Monotonic time until which other workers see this worker's heartbeat: a renewal
+        # sent at t keeps it until t + TTL (measured from before the call, so a slow reply
+        # never overstates it).
+        self._lease_until = 0.0
         # "<worker id>|<nonce of this run>": claims of an earlier run are not ours
         self.nonce = uuid.uuid4().hex[:16]
         self.owner = f"{worker_id}|{self.nonce}"
         self.claim_ttl_ms = 15 * 60 * 1000
         self._claim = redis.register_script(CLAIM)
+        self._release = redis.register_script(RELEASE)
+        self._renew = redis.register_script(RENEW)
         self._ack = redis.register_script(ACK)
         self._settle_script = redis.register_script(SETTLE)
         self._batch = _Batcher(redis)
@@ -338,12 +394,28 @@ class Queue:
         self._take_digest = redis.register_script(TAKE_DIGEST)
 
     # ------------------------------------------------------------------ worker liveness
-    async def heartbeat(self, info: dict[str, Any]) -> None:
-        """Register this worker and refresh its heartbeat (one round trip)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.sadd(self.keys.workers, self.worker_id)
-        pipe.set(self.keys.heartbeat(self.worker_id), json.dumps(info), px=self.heartbeat_ttl_ms)
-        await pipe.execute()
+    async def heartbeat(self, info: dict[str, Any]) -> bool:
+        """Register this worker and renew its heartbeat (one round trip, allowed while Redis
+        is full). False when the worker was not registered: at its first start, or because
+        another worker took it for dead and returned its in-flight events to the queue."""
+        sent_at = self._clock()
+        res = await self._renew(
+            keys=[self.keys.workers, self.keys.heartbeat(self.worker_id)],
+            args=[self.worker_id, json.dumps(info), self.heartbeat_ttl_ms],
+        )
+        self._lease_until = max(self._lease_until, sent_at + self.heartbeat_ttl_s)
+        return int(cast(int, res)) == 1
+
+    def lease_left(self) -> float:
+        """Seconds until this worker's heartbeat expires unless renewed (negative: it has)."""
+        return self._lease_until - self._clock()
+
+    @property
+    def fenced(self) -> bool:
+        """The heartbeat has not been renewed for half its TTL: start no new send and fetch
+        nothing (the worker could be taken for dead, and its events handed to another
+        worker, before a send started now has finished)."""
+        return self.lease_left() < self.heartbeat_ttl_s / 2
 
     async def recover(self, *, including_self: bool = False) -> dict[str, int]:
         """Return dead workers' in-flight events to the queue: {worker id: count moved}."""
@@ -382,110 +454,158 @@ class Queue:
         res = await self.redis.mget([self.keys.sent(i) for i in ids])
         return [v is not None for v in res]
 
-    async def claim(self, event_id: str, token: str) -> str:
-        """'claimed' (send it, then settle with ``claim=event_id``), 'sent' or 'busy'.
-        ``token`` names this handling of the event: calling again with the same token (a
-        retry after a lost reply) finds the claim ours."""
+    def claim_for(self, event_id: str, token: str) -> Claim:
+        """The claim this worker makes on ``event_id`` for one handling named ``token``."""
+        return Claim(event_id, f"{self.owner}|{token}")
+
+    async def claim(self, claim: Claim) -> str:
+        """'claimed' (send it, then settle with this claim), 'sent' or 'busy'. Calling again
+        with the same claim (a retry after a lost reply) finds it ours."""
         res = await self._batch.call(
             self._claim,
-            [self.keys.sent(event_id), self.keys.sending(event_id)],
-            [f"{self.owner}|{token}", self.keys.prefix, self.claim_ttl_ms],
+            [self.keys.sent(claim.event_id), self.keys.sending(claim.event_id)],
+            [claim.value, self.keys.prefix, self.claim_ttl_ms],
         )
         return _s(cast(bytes, res))
 
-    def _release(self, pipe: Any, claim: str | None) -> None:
-        if claim is not None:
-            pipe.delete(self.keys.sending(claim))
-
-    async def release(self, claims: Sequence[str]) -> None:
+    async def release(self, claims: Sequence[Claim], *, pipe: Any = None) -> None:
+        """Release claims that are still ours (another owner's claim is left alone); with
+        ``pipe``, queued on that pipeline instead."""
         if claims:
-            await self.redis.delete(*(self.keys.sending(c) for c in claims))
+            await self._release(
+                keys=[self.keys.sending(c.event_id) for c in claims],
+                args=[c.value for c in claims],
+                client=pipe,
+            )
 
     # ------------------------------------------------------------------ settle
     def _record(self, pipe: Any, record: dict[str, Any], counter: str) -> None:
-        pipe.lpush(self.keys.deliveries, json.dumps(record, separators=(",", ":")))
+        pipe.lpush(self.keys.deliveries, _json(record))
         pipe.ltrim(self.keys.deliveries, 0, self.deliveries_kept - 1)
         pipe.hincrby(self.keys.counters, counter, 1)
 
-    async def ack(self, raw: bytes, event_id: str, record: dict[str, Any]) -> None:
-        """Delivered: drop from processing, mark sent, release the claim, record it (one
-        command, sent together with other lanes' acks and claims when they coincide)."""
-        await self._batch.call(
+    async def ack(self, raw: bytes, claim: Claim, record: dict[str, Any]) -> bool:
+        """Delivered: drop from processing, mark sent, release our claim, record it (one
+        command, sent together with other lanes' acks and claims when they coincide).
+        False when the event was no longer in this worker's processing list."""
+        res = await self._batch.call(
             self._ack,
-            [self.processing, self.keys.sent(event_id), self.keys.sending(event_id),
-             self.keys.deliveries, self.keys.counters],
-            [raw, self.sent_ttl_s, json.dumps(record, separators=(",", ":")),
-             self.deliveries_kept],
-        )  # fmt: skip
-
-    async def ack_many(self, items: Sequence[tuple[bytes, str, dict[str, Any]]]) -> None:
-        """Several acks; issued together, they share one round trip (see ``_Batcher``)."""
-        await asyncio.gather(*(self.ack(raw, event_id, record) for raw, event_id, record in items))
+            [
+                self.processing,
+                self.keys.sent(claim.event_id),
+                self.keys.sending(claim.event_id),
+                self.keys.deliveries,
+                self.keys.counters,
+            ],
+            [raw, self.sent_ttl_s, _json(record), self.deliveries_kept, claim.value],
+        )
+        return int(cast(int, res)) == 1
 
     async def _settle(
         self,
         raw: bytes,
+        *,
         op: str,
         target: str,
         member: Any = "",
         score: float = 0.0,
-        *,
-        claim: str | None,
+        claim: Claim | None,
         record: dict[str, Any] | None,
         counters: Sequence[str],
     ) -> bool:
         res = await self._settle_script(
-            keys=[self.processing, target, self.keys.sending(claim or "-"),
-                  self.keys.deliveries, self.keys.counters],
-            args=[raw, op, member, score, "1" if claim else "0",
-                  json.dumps(record, separators=(",", ":")) if record else "",
-                  self.deliveries_kept, *counters],
-        )  # fmt: skip
+            keys=[
+                self.processing,
+                target,
+                self.keys.sending(claim.event_id if claim else "-"),
+                self.keys.deliveries,
+                self.keys.counters,
+            ],
+            args=[
+                raw,
+                op,
+                member,
+                score,
+                claim.value if claim else "",
+                _json(record) if record else "",
+                self.deliveries_kept,
+                *counters,
+            ],
+        )
         return int(cast(int, res)) == 1
 
     async def skip_duplicate(self, raw: bytes) -> None:
         """Already delivered (sent mark present): just drop it from processing."""
-        await self._settle(raw, "none", self.keys.queue, claim=None, record=None,
-                           counters=["duplicates_skipped"])  # fmt: skip
+        await self._settle(
+            raw,
+            op="none",
+            target=self.keys.queue,
+            claim=None,
+            record=None,
+            counters=["duplicates_skipped"],
+        )
 
     async def retry(
-        self, raw: bytes, again: str, due: float, record: dict[str, Any], claim: str | None = None
+        self,
+        raw: bytes,
+        again: str,
+        due: float,
+        record: dict[str, Any],
+        claim: Claim | None = None,
     ) -> bool:
         """Wait for a retry: the updated event text goes into the retry set at its due time."""
         return await self._settle(
-            raw, "zadd", self.keys.retry, again, due, claim=claim, record=record,
+            raw,
+            op="zadd",
+            target=self.keys.retry,
+            member=again,
+            score=due,
+            claim=claim,
+            record=record,
             counters=["retried", f"retried:{record.get('reason', '')}"],
-        )  # fmt: skip
+        )
 
     async def bury(
         self,
         raw: bytes,
         dead_letter: dict[str, Any],
         record: dict[str, Any],
-        claim: str | None = None,
+        claim: Claim | None = None,
     ) -> bool:
         """Dead letter: processing -> dead, with the reason."""
         return await self._settle(
-            raw, "lpush", self.keys.dead, json.dumps(dead_letter, ensure_ascii=False),
-            claim=claim, record=record, counters=["dead", f"dead:{record.get('reason', '')}"],
-        )  # fmt: skip
+            raw,
+            op="lpush",
+            target=self.keys.dead,
+            member=json.dumps(dead_letter, ensure_ascii=False),
+            claim=claim,
+            record=record,
+            counters=["dead", f"dead:{record.get('reason', '')}"],
+        )
 
     async def split(
-        self, raw: bytes, event_id: str, record: dict[str, Any], again: str, due: float
+        self, raw: bytes, claim: Claim, record: dict[str, Any], again: str, due: float
     ) -> None:
         """Delivered to some recipients; a retry for the refused ones (one round trip)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrem(self.processing, 1, _v(raw))
-        pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
-        self._release(pipe, event_id)
+        pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
+        await self.release([claim], pipe=pipe)
         pipe.zadd(self.keys.retry, {again: due})
         self._record(pipe, record, "delivered")
         await pipe.execute()
 
-    async def requeue(self, raw: bytes, claim: str | None = None) -> bool:
+    async def requeue(self, raw: bytes, claim: Claim | None = None) -> bool:
         """Back to the front of the queue, unchanged (not an attempt)."""
-        return await self._settle(raw, "rpush", self.keys.queue, raw, claim=claim, record=None,
-                                  counters=[])  # fmt: skip
+        return await self._settle(
+            raw,
+            op="rpush",
+            target=self.keys.queue,
+            member=raw,
+            claim=claim,
+            record=None,
+            counters=[],
+        )
 
     async def reconcile(self, held: Sequence[bytes]) -> int:
         """Return to the queue whatever is in this worker's processing list but not in
@@ -545,11 +665,17 @@ class Queue:
         return _s(res[0]) == "suppressed", int(_s(res[1])), float(_s(res[2]))
 
     async def suppressed(
-        self, raw: bytes, record: dict[str, Any], claim: str | None = None
+        self, raw: bytes, record: dict[str, Any], claim: Claim | None = None
     ) -> bool:
         """A repeat inside its suppression window: drop it from processing, count it."""
-        return await self._settle(raw, "none", self.keys.queue, claim=claim, record=record,
-                                  counters=["suppressed"])  # fmt: skip
+        return await self._settle(
+            raw,
+            op="none",
+            target=self.keys.queue,
+            claim=claim,
+            record=record,
+            counters=["suppressed"],
+        )
 
     async def hold(self, group: str, raws: Sequence[bytes], due: float) -> int:
         """Hold events for a digest of ``group`` due at ``due`` (processing -> held)."""
@@ -577,14 +703,14 @@ class Queue:
         return float(res[0][1]) if res else None
 
     async def ack_digest(
-        self, raws: Sequence[bytes], ids: Sequence[str], record: dict[str, Any]
+        self, raws: Sequence[bytes], claims: Sequence[Claim], record: dict[str, Any]
     ) -> None:
         """A digest was accepted: every event in it is delivered (one round trip)."""
         pipe = self.redis.pipeline(transaction=True)
-        for raw, event_id in zip(raws, ids, strict=True):
+        for raw, claim in zip(raws, claims, strict=True):
             pipe.lrem(self.processing, 1, _v(raw))
-            pipe.set(self.keys.sent(event_id), b"1", ex=self.sent_ttl_s)
-            self._release(pipe, event_id)
+            pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
+        await self.release(claims, pipe=pipe)
         self._record(pipe, record, "delivered")
         pipe.hincrby(self.keys.counters, "digested", len(raws))
         await pipe.execute()
@@ -612,6 +738,24 @@ class Queue:
         res = [int(x) for x in await pipe.execute()]
         n = 3 + len(workers)
         return Depths(res[0], res[1], res[2], sum(res[3:n]), sum(res[n:]))
+
+    async def foreign_queues(self, *, max_keys: int = 100_000) -> dict[str, int]:
+        """Lists named ``<other prefix>:queue`` on this Redis (database) whose oldest element
+        looks like a notifier event: {key: length}. A producer with another KEY_PREFIX
+        pushes there and no worker of this prefix will ever see it. Looks at ``max_keys``
+        keys at most (SCAN, never KEYS)."""
+        found: dict[str, int] = {}
+        seen = 0
+        async for key in self.redis.scan_iter(match="*:queue", count=1000, _type="list"):
+            seen += 1
+            name = _s(key)
+            if name != self.keys.queue:
+                oldest = await self.redis.lindex(name, -1)
+                if oldest is not None and _looks_like_event(oldest):
+                    found[name] = int(await self.redis.llen(name))
+            if seen >= max_keys:
+                break
+        return found
 
     async def counters(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.counters)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import MasterDownError, RedisError, TryAgainError
 
 from producer.keys import Keys
+from producer.redis_errors import RedisProblem, classify_redis_error, explain_redis_error
 
 from .accounts import Account
 from .compose import Composer
@@ -44,18 +45,32 @@ __all__ = ["Outcome", "Worker", "run"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+FOREIGN_QUEUE_CHECK_S = 60.0
+# Errors that a wait fixes (Redis down, loading, full, failing to persist, a replica or an
+# election): every operation waits them out. Anything else Redis answers is a bug or a
+# permission problem and is raised.
+_PERMANENT_PROBLEMS = frozenset({RedisProblem.OTHER, RedisProblem.NO_PERMISSION})
+_DOWN = frozenset({RedisProblem.UNREACHABLE, RedisProblem.HOST_NOT_FOUND, RedisProblem.TIMEOUT})
+
+
+def _waits_out(exc: BaseException) -> bool:
+    if isinstance(exc, MasterDownError | TryAgainError):
+        return True
+    return classify_redis_error(exc) not in _PERMANENT_PROBLEMS
 
 
 @dataclass(slots=True)
 class _EventJob:
     raw: bytes
     fetched_at: float
+    epoch: int = 0  # the worker's registration it was fetched under
 
 
 @dataclass(slots=True)
 class _DigestJob:
     group: str
     raws: list[bytes]
+    epoch: int = 0
 
 
 class Worker:
@@ -107,6 +122,12 @@ class Worker:
         self._burst = False
         self._redis_down_since: float | None = None
         self._metrics_server: Any = None
+        # Bumped when this worker learns that another one took it for dead (its heartbeat
+        # lapsed) and returned its processing list to the queue: jobs fetched before are no
+        # longer its own.
+        self._epoch = 0
+        self._registered = False
+        self._foreign_checked = -1e9
 
     @property
     def counts(self) -> dict[str, int]:
@@ -135,8 +156,8 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         try:
-            await self._start()
-            await self._serve()
+            if await self._unless_stopped(self._start()):
+                await self._serve()
         finally:
             await self._shutdown()
             if install_signals:
@@ -144,10 +165,24 @@ class Worker:
                     loop.remove_signal_handler(sig)
         return 0
 
+    async def _unless_stopped(self, work: Awaitable[None]) -> bool:
+        """Run ``work`` unless a stop comes first (a signal while start-up waits for Redis
+        or SMTP): then cancel it and return False."""
+        task = asyncio.ensure_future(work)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            await _cancel(stop_wait)
+            task.result()
+            return not self._stop.is_set()
+        await _cancel(task, stop_wait)
+        return False
+
     async def _start(self) -> None:
         s = self.settings
         await self._redis(self.redis.ping, "connect")
         await self._redis(lambda: self.queue.heartbeat(self._info()), "register")
+        self._registered = True
         moved = await self._redis(lambda: self.queue.recover(including_self=True), "recover")
         for wid, n in moved.items():
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
@@ -182,6 +217,9 @@ class Worker:
             if primary.mailer.open_connections or self._stop.is_set():
                 for e in errors:
                     logger.warning("SMTP warm-up: %s (reconnecting on demand)", e)
+                if primary.mailer.open_connections:
+                    # a login works: a pause flag left by a worker with wrong settings is stale
+                    await self._redis(partial(self.queue.set_paused, None), "resume")
                 self.systemd.ready(self._status())
                 return
             if time.monotonic() >= deadline:
@@ -235,10 +273,11 @@ class Worker:
 
     async def _shutdown(self) -> None:
         try:
-            n = await asyncio.wait_for(self.queue.requeue_all(), timeout=5)
-            if n:
-                logger.info("returned %d unsent event(s) to the queue", n)
-            await asyncio.wait_for(self.queue.deregister(), timeout=5)
+            if self._registered:  # (a stop during start-up before Redis answered: nothing)
+                n = await asyncio.wait_for(self.queue.requeue_all(), timeout=5)
+                if n:
+                    logger.info("returned %d unsent event(s) to the queue", n)
+                await asyncio.wait_for(self.queue.deregister(), timeout=5)
         except (*REDIS_ERRORS, TimeoutError) as exc:
             logger.error(
                 "could not return in-flight events to the queue (%s); another worker will "
@@ -254,8 +293,16 @@ class Worker:
         logger.info("worker %s stopped", self.settings.worker_id)
 
     # ================================================================== Redis outages
-    async def _redis(self, op: Callable[[], Awaitable[T]], what: str, loop: str | None = None) -> T:
-        """Run a Redis operation, waiting out an outage with back-off (logged once).
+    async def _redis(
+        self,
+        op: Callable[[], Awaitable[T]],
+        what: str,
+        loop: str | None = None,
+        *,
+        max_delay: float = 5.0,
+    ) -> T:
+        """Run a Redis operation, waiting out an outage (Redis down, full, failing to
+        persist, a replica) with back-off, logged once with what to do about it.
 
         ``loop`` names the calling loop: it is alive while it waits (the watchdog must not
         restart a worker that is only waiting for Redis to come back)."""
@@ -266,12 +313,20 @@ class Worker:
             try:
                 result = await op()
             except REDIS_ERRORS as exc:
+                if not _waits_out(exc):
+                    raise
                 self._redis_errors += 1
                 if self._redis_down_since is None:
                     self._redis_down_since = time.monotonic()
-                    logger.error("Redis unreachable during %s: %s; retrying", what, exc)
+                    problem = classify_redis_error(exc)
+                    text = explain_redis_error(exc, self.settings.redis_url)
+                    if problem in _DOWN:
+                        logger.error("Redis unreachable during %s: %s; retrying", what, text)
+                    else:
+                        logger.error("Redis refused %s: %s; retrying until it accepts it",
+                                     what, text)  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, max_delay)
                 continue
             if self._redis_down_since is not None:
                 logger.warning(
@@ -288,6 +343,11 @@ class Worker:
             self.monitor.beat("fetch")
             if self.paused:
                 await self._wait_pause()
+                continue
+            if self.queue.fenced:
+                # the heartbeat could not be renewed: take no events that another worker
+                # may soon be handed as this worker's
+                await asyncio.sleep(min(self._tick, 0.1))
                 continue
             await self._free.acquire()
             taken = 1
@@ -321,7 +381,7 @@ class Worker:
             now = time.time()
             for raw in items:
                 self._held[raw] += 1
-                self._work.put_nowait(_EventJob(raw, now))
+                self._work.put_nowait(_EventJob(raw, now, self._epoch))
             if self._redis_errors != errors_before:
                 await self._reconcile()
             for _ in range(taken - len(items)):
@@ -373,8 +433,14 @@ class Worker:
                 return
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
+            self.deliverer.begin(index)
             try:
-                if isinstance(job, _EventJob):
+                if job.epoch != self._epoch:
+                    # fetched before another worker took this one for dead and returned its
+                    # events to the queue: not ours any more (the other worker has them)
+                    logger.warning("lane %d: dropping a job fetched before this worker was "
+                                   "taken for dead; its events are back in the queue", index)  # fmt: skip
+                elif isinstance(job, _EventJob):
                     await self.deliverer.handle(index, job.raw, job.fetched_at)
                 else:
                     await self.deliverer.handle_digest(index, job.group, job.raws)
@@ -386,7 +452,7 @@ class Worker:
                 logger.exception("lane %d: unexpected error; dead-lettering the event", index)
                 raws = [job.raw] if isinstance(job, _EventJob) else job.raws
                 for raw in raws:
-                    await self.deliverer.bury_internal(raw, exc)
+                    await self.deliverer.bury_internal(index, raw, exc)
             finally:
                 for raw in (job.raw,) if isinstance(job, _EventJob) else job.raws:
                     self._held[raw] -= 1
@@ -429,7 +495,7 @@ class Worker:
                 self._free.release()
                 continue
             self._held.update(taken[1])
-            self._work.put_nowait(_DigestJob(*taken))
+            self._work.put_nowait(_DigestJob(*taken, epoch=self._epoch))
 
     async def _keeper_loop(self) -> None:
         period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
@@ -437,7 +503,16 @@ class Worker:
             self.monitor.beat("keeper")
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
-            await self._redis(lambda: self.queue.heartbeat(self._info()), "heartbeat", "keeper")
+            registered = await self._redis(
+                lambda: self.queue.heartbeat(self._info()), "heartbeat", "keeper", max_delay=period
+            )
+            if not registered:
+                self._epoch += 1
+                logger.error(
+                    "this worker was taken for dead (its heartbeat lapsed) and its in-flight "
+                    "events were returned to the queue; it dropped its copies and goes on"
+                )
+            await self._warn_foreign_queues()
             moved = await self._redis(self.queue.recover, "recover", "keeper")
             for wid, n in moved.items():
                 logger.warning("worker %s stopped heartbeating: returned its %d event(s)", wid, n)
@@ -454,6 +529,25 @@ class Worker:
                 m.account_up.labels(a.name).set(1 if a.available() else 0)
             await self._idle_hygiene()
             await asyncio.sleep(period)
+
+    async def _warn_foreign_queues(self) -> None:
+        """Once a minute: events waiting under another key prefix on this Redis mean a
+        producer and this worker disagree on NOTIFIER_KEY_PREFIX; say so."""
+        now = time.monotonic()
+        if now - self._foreign_checked < FOREIGN_QUEUE_CHECK_S:
+            return
+        self._foreign_checked = now
+        found = await self._redis(self.queue.foreign_queues, "scan", "keeper")
+        for key, n in found.items():
+            prefix = key.rsplit(":", 1)[0]
+            logger.warning(
+                "%d event(s) wait in %s, but this worker reads %s: the producer and the worker "
+                "disagree on the key prefix; set NOTIFIER_KEY_PREFIX=%s on one of them",
+                n,
+                key,
+                self.keys.queue,
+                prefix,
+            )
 
     async def _idle_hygiene(self) -> None:
         """Close connections idle longer than SMTP_IDLE_TIMEOUT_S (providers drop them

@@ -437,6 +437,7 @@ class Rig:
             if not items:
                 return n
             for raw in items:
+                await self.queue.heartbeat({})  # as the worker's keeper does
                 await self.deliverer.handle(0, raw, self.now())
                 n += 1
                 if self.clock and step_s:
@@ -451,6 +452,7 @@ class Rig:
         taken = await self.queue.take_digest(self.now() if self.clock else None)
         if taken is None:
             return False
+        await self.queue.heartbeat({})
         await self.deliverer.handle_digest(0, *taken)
         return True
 
