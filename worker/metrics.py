@@ -15,12 +15,16 @@ Names (also used by deploy/prometheus/alerts.yml and the Grafana dashboard):
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .settings import SettingsError
 
 __all__ = ["BUCKETS", "LatencySummary", "Metrics", "percentile", "summarize"]
 
@@ -98,10 +102,34 @@ class Metrics:
             self.within_target.inc()
 
     def serve(self, host: str, port: int) -> Any:
-        """Start the /metrics HTTP endpoint (port 0 disables); returns the server or None."""
+        """Start the /metrics HTTP endpoint (port 0 disables); returns the server or None.
+        SettingsError (one line naming the setting) when it cannot listen there."""
         if port == 0:
             return None
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except socket.gaierror as exc:
+            raise SettingsError(
+                f"NOTIFIER_METRICS_HOST: {host!r} is not an address of this host ({exc.strerror});"
+                " use 127.0.0.1 (Prometheus on this host) or 0.0.0.0"
+            ) from None
+        except OSError as exc:
+            where = f"{host}:{port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise SettingsError(
+                    f"NOTIFIER_METRICS_PORT: {where} is already in use (another notifier worker?);"
+                    " give each worker its own port (the template unit notifier@N adds N through"
+                    " NOTIFIER_METRICS_PORT_OFFSET); 0 turns /metrics off"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise SettingsError(
+                    f"NOTIFIER_METRICS_HOST: {host!r} is not an address of this host; use "
+                    "127.0.0.1 (Prometheus on this host) or 0.0.0.0"
+                ) from None
+            raise SettingsError(
+                f"NOTIFIER_METRICS_PORT: cannot listen on {where} ({exc.strerror}); use a port "
+                "above 1023 that is free, or 0 to turn /metrics off"
+            ) from None
         return server
 
 

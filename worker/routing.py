@@ -24,7 +24,6 @@ over the routes but is only honoured within that set (outside it, the event is a
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.event import Event, Severity, check_addresses
+
+from .settings import read_toml
 
 __all__ = ["Route", "Routes", "load_routes"]
 
@@ -99,12 +100,7 @@ class Routes(BaseModel):
 
 def load_routes(path: Path, allowed: frozenset[str]) -> Routes:
     """Parse and validate the routes file; ValueError with one line on what is wrong."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "NOTIFIER_ROUTES_FILE")
     try:
         routes = Routes.model_validate(raw)
     except ValidationError as exc:

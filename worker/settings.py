@@ -4,12 +4,22 @@ Names are the field names upper-cased with the prefix ``NOTIFIER_`` (``NOTIFIER_
 ``SMTP_PROVIDER`` fills host, port and TLS mode from a preset; explicit values win.
 The password comes from ``SMTP_PASSWORD``, ``SMTP_PASSWORD_FILE`` or systemd's
 ``$CREDENTIALS_DIRECTORY/smtp_password`` (``LoadCredential=``), in that order of preference.
+
+The env file (:func:`find_env_file`): ``--env-file PATH``, else ``NOTIFIER_ENV_FILE`` (``none``:
+the environment only), else ``./.env``, else the installer's ``/etc/notifier/notifier.env``
+when it exists. Variables in the environment win over the file. A ``NOTIFIER_*`` name that is
+not a setting is reported with the closest one (:func:`unknown_variables`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import socket
+import ssl
+import tomllib
+from collections.abc import Mapping
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -35,9 +45,23 @@ __all__ = [
     "Provider",
     "Settings",
     "SettingsError",
+    "find_env_file",
     "load_settings",
+    "read_toml",
     "redacted_url",
+    "unknown_variables",
 ]
+
+PREFIX = "NOTIFIER_"
+# The installer's env file, read when neither --env-file, NOTIFIER_ENV_FILE nor ./.env says
+# otherwise (a module attribute: tests point it elsewhere).
+SYSTEM_ENV_FILE = Path("/etc/notifier/notifier.env")
+ENV_FILE_VARIABLE = "NOTIFIER_ENV_FILE"
+# NOTIFIER_* names that are ours but not settings; NOTIFIER_PRODUCER_* is the producer's.
+NOT_SETTINGS = frozenset({ENV_FILE_VARIABLE})
+NOT_SETTINGS_PREFIXES = ("NOTIFIER_PRODUCER_",)
+# Providers whose servers refuse (or rewrite) a From address other than the logged-in account.
+STRICT_SENDER_PROVIDERS = ("qq", "163", "126", "exmail", "gmail")
 
 TlsMode = Literal["ssl", "starttls", "none"]
 
@@ -73,10 +97,57 @@ class SettingsError(NotifierError, ValueError):
     """A setting is missing or wrong; the message names it and says how to fix it."""
 
 
-def _split(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+# Between addresses: commas and semicolons, also the full-width ，； and the enumeration comma 、
+# that Chinese input methods type, line breaks; and spaces (see split_addresses).
+_SEPARATORS = ",;，；、\n\r"
+_PLAIN_ADDRESS_CHAR = re.compile(r"[A-Za-z0-9@._+-]")
+
+
+def split_addresses(value: Any) -> Any:
+    """``a@x.cn，b@x.cn; 量化 提醒 <c@x.cn> d@x.cn`` -> the four addresses.
+
+    Separators are commas, semicolons (ASCII or full-width), ``、``, line breaks and spaces. An
+    entry with ``<...>`` is one address with a display name, spaces and all; the name is
+    dropped (mail goes to the address). Quotes keep a comma in a name (``"Doe, J" <j@x.cn>``).
+    """
+    if not isinstance(value, str):
+        return value
+    chunks: list[str] = []
+    buf: list[str] = []
+    quoted = angle = False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        elif ch in "<>" and not quoted:
+            angle = ch == "<"
+        if ch in _SEPARATORS and not quoted and not angle:
+            chunks.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    chunks.append("".join(buf))
+    out: list[str] = []
+    for chunk in (c.strip() for c in chunks):
+        if "<" in chunk:
+            out.append(parseaddr(chunk)[1] or chunk)
+        else:
+            out.extend(chunk.split())
+    return out
+
+
+def _check_address_list(addresses: list[str]) -> list[str]:
+    """check_addresses, naming a character used between addresses that is not a separator."""
+    try:
+        return check_addresses(addresses)
+    except ValueError as exc:
+        bad = next((a for a in addresses if not valid_address(a)), "")
+        if bad.count("@") < 2:
+            raise
+        odd = next((ch for ch in bad if not _PLAIN_ADDRESS_CHAR.match(ch)), None)
+        what = f"{odd!r} is not a separator: " if odd else ""
+        raise ValueError(
+            f"{exc}; {what}separate addresses with commas, semicolons or spaces"
+        ) from None
 
 
 class Settings(BaseSettings):
@@ -141,6 +212,9 @@ class Settings(BaseSettings):
     # Observability
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    # Added to METRICS_PORT (unless 0): deploy/notifier@.service sets it to the instance
+    # number, so notifier@1 listens on 9465, notifier@2 on 9466.
+    metrics_port_offset: Annotated[int, Field(ge=0, le=65535)] = 0
     latency_target_s: Annotated[float, Field(gt=0)] = 1.0
     deliveries_kept: Annotated[int, Field(ge=100)] = 20000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -149,12 +223,86 @@ class Settings(BaseSettings):
     @field_validator("mail_to", "allowed_recipients", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
-        return _split(v)
+        return split_addresses(v)
 
     @field_validator("mail_to", "allowed_recipients")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
-        return check_addresses(v)
+        return _check_address_list(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        from redis import ConnectionPool
+
+        scheme = v.partition("://")[0].lower() if "://" in v else ""
+        if scheme.startswith(("redis+", "rediss+")):
+            return v  # another topology's URL form: its connector checks it
+        try:
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError
+            ConnectionPool.from_url(v)  # parses only; connects on first use
+        except ValueError:
+            shown = redacted_url(v) if "://" in v else re.sub(r":[^@/]*@", ":***@", v)
+            raise ValueError(
+                f"{shown!r} is not a Redis URL: use redis://[:password@]host:6379/0, "
+                "rediss://host:6380/0 (TLS) or unix:///run/redis/redis.sock?db=0"
+            ) from None
+        return v
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        fix = "give the PEM file of the CA that signed the server's certificate, or unset it"
+        try:
+            with v.open("rb"):
+                pass
+            ssl.create_default_context(cafile=str(v))
+        except FileNotFoundError:
+            raise ValueError(f"{v}: no such file; {fix}") from None
+        except ssl.SSLError:  # (an OSError too)
+            raise ValueError(f"{v}: no PEM certificate in it; {fix}") from None
+        except OSError as exc:
+            raise ValueError(f"{v}: cannot read it ({exc.strerror}); {fix}") from None
+        return v
+
+    @field_validator("template_dir")
+    @classmethod
+    def _template_dir(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        fix = "a directory with mail.txt.j2 / mail.html.j2, or unset it for the built-in ones"
+        if not v.exists():
+            raise ValueError(f"{v}: no such directory; {fix}")
+        if not v.is_dir():
+            raise ValueError(f"{v}: not a directory; {fix}")
+        try:
+            names = os.listdir(v)
+            for name in names:
+                if name.endswith(".j2"):
+                    with (v / name).open("rb"):
+                        pass
+        except OSError as exc:
+            where = exc.filename or v
+            raise ValueError(
+                f"{where}: cannot read it ({exc.strerror}); make it readable by the user "
+                "running notifier (the systemd units run as a dynamic user: world-readable)"
+            ) from None
+        return v
+
+    @field_validator("metrics_port_offset", mode="before")
+    @classmethod
+    def _offset(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip().isdigit():
+            raise ValueError(
+                f"{v!r} is not a number: deploy/notifier@.service sets it to the instance name, "
+                "so use numbered instances (notifier@1, notifier@2), or set "
+                "NOTIFIER_METRICS_PORT_OFFSET=0 and a NOTIFIER_METRICS_PORT of its own in "
+                "/etc/notifier/notifier-<instance>.env"
+            )
+        return v
 
     @field_validator("mail_from")
     @classmethod
@@ -201,6 +349,14 @@ class Settings(BaseSettings):
             self.smtp_account_name = self.smtp_provider or "primary"
         if self.smtp_rate_per_minute is None:
             self.smtp_rate_per_minute = preset.per_minute if preset else 0
+        if self.metrics_port and self.metrics_port_offset:
+            port = self.metrics_port + self.metrics_port_offset
+            if port > 65535:
+                raise ValueError(
+                    f"NOTIFIER_METRICS_PORT {self.metrics_port} + NOTIFIER_METRICS_PORT_OFFSET "
+                    f"{self.metrics_port_offset} is above 65535: lower one of them"
+                )
+            self.metrics_port, self.metrics_port_offset = port, 0
         if self.routes_file is not None:
             from .routing import load_routes
 
@@ -220,6 +376,49 @@ class Settings(BaseSettings):
     def accounts(self) -> list[Settings]:
         """The SMTP accounts in priority order: this one, then the failover accounts."""
         return [self, *self._failover]
+
+    def sender_warnings(self) -> list[str]:
+        """One line for each account whose MAIL_FROM address is not its login, on a provider
+        that refuses that (QQ: ``550 The "From" header is missing or invalid``)."""
+        out = []
+        for i, acc in enumerate(self.accounts()):
+            mismatch = acc._sender_mismatch()
+            if mismatch is None:
+                continue
+            sender, username, provider = mismatch
+            why = (
+                f"{provider} refuses or rewrites a From address other than the account's own "
+                f'(QQ: 550 The "From" header is missing or invalid)'
+            )
+            if i == 0:
+                out.append(
+                    f"NOTIFIER_MAIL_FROM: {sender} is not the account "
+                    f"NOTIFIER_SMTP_USERNAME={username}; {why}: use 量化提醒 <{username}>"
+                )
+            else:
+                out.append(
+                    f"NOTIFIER_ACCOUNTS_FILE={self.accounts_file}: account "
+                    f"{acc.smtp_account_name!r}: mail_from {sender} is not its username "
+                    f"{username}; {why}: use {username} (a display name is fine)"
+                )
+        return out
+
+    def _sender_mismatch(self) -> tuple[str, str, str] | None:
+        """(sender address, username, provider) when they differ on a strict provider."""
+        provider = self.smtp_provider or next(
+            (name for name, p in PROVIDERS.items() if p.host == (self.smtp_host or "").lower()),
+            None,
+        )
+        if provider not in STRICT_SENDER_PROVIDERS or not self.mail_from:
+            return None
+        sender = parseaddr(self.mail_from)[1].lower()
+        username = (self.smtp_username or "").strip()
+        if not username:
+            return None
+        login = username.lower()
+        if sender == login or ("@" not in login and sender.partition("@")[0] == login):
+            return None
+        return sender, username, provider
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -287,16 +486,7 @@ _ACCOUNT_FIELDS = {
 
 def _load_accounts(base: Settings, path: Path) -> list[Settings]:
     """Failover accounts from a TOML file of ``[[account]]`` tables."""
-    import tomllib
-
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(
-            f"NOTIFIER_ACCOUNTS_FILE={path}: cannot read it ({exc.strerror})"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"NOTIFIER_ACCOUNTS_FILE={path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "NOTIFIER_ACCOUNTS_FILE")
     out: list[Settings] = []
     names = {base.smtp_account_name}
     for i, acc in enumerate(raw.get("account", [])):
@@ -340,10 +530,127 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
     return out
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings or raise SettingsError with one line naming the setting."""
+_TOML_WHERE = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
+
+
+def read_toml(path: Path, setting: str) -> dict[str, Any]:
+    """A TOML file named by ``setting``; ValueError with one line (the line and column of a
+    syntax error) on what is wrong."""
     try:
-        return Settings(**overrides)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{setting}={path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{setting}={path}: not UTF-8 (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ValueError(
+            f"{setting}={path}: cannot read it ({exc.strerror}); make it readable by the user "
+            "running notifier (the systemd units run as a dynamic user: world-readable)"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = _TOML_WHERE.search(msg)
+        where = m.group(1) if m else "somewhere"
+        what = msg[: m.start()] if m else msg
+        raise ValueError(
+            f"{setting}={path}: not valid TOML at {where}: {what[:1].lower()}{what[1:]}"
+        ) from None
+
+
+# ------------------------------------------------------------------ where settings come from
+def find_env_file(explicit: str | Path | None = None) -> Path | None:
+    """The env file to read: ``explicit`` (``--env-file``), else ``NOTIFIER_ENV_FILE``, else
+    ``./.env``, else :data:`SYSTEM_ENV_FILE` if it exists; None for the environment only
+    (also for ``none``). SettingsError when a named file (or the installer's) cannot be read."""
+    for value, name in ((explicit, "--env-file "), (os.environ.get(ENV_FILE_VARIABLE), None)):
+        if value is None or value == "":
+            continue
+        if str(value).strip().lower() == "none":
+            return None
+        path = Path(value).expanduser()
+        _readable(path, f"{name}{path}" if name else f"{ENV_FILE_VARIABLE}={path}")
+        return path
+    if Path(".env").is_file():
+        return Path(".env").absolute()
+    try:
+        SYSTEM_ENV_FILE.stat()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # cannot even look: reported below
+    _readable(SYSTEM_ENV_FILE, str(SYSTEM_ENV_FILE), system=True)
+    return SYSTEM_ENV_FILE
+
+
+def _readable(path: Path, label: str, *, system: bool = False) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise SettingsError(f"{label}: no such file; give the path of the env file") from None
+    except OSError as exc:
+        fix = (
+            "run as root (sudo), give another file with --env-file PATH, or set "
+            "NOTIFIER_ENV_FILE=none to use the environment only"
+            if system
+            else "make it readable by this user or run as root (sudo)"
+        )
+        raise SettingsError(f"{label}: cannot read it ({exc.strerror}); {fix}") from None
+
+
+def setting_names() -> list[str]:
+    """Every setting's variable name (NOTIFIER_...)."""
+    return [f"{PREFIX}{name.upper()}" for name in Settings.model_fields]
+
+
+def unknown_variables(env_file: Path | None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line for each NOTIFIER_* variable (environment, then env file) that is not a
+    setting, with the closest setting; and for each setting written without its prefix in
+    the env file. Never shows a value."""
+    from dotenv import dotenv_values
+
+    known = setting_names()
+    known_set = set(known)
+    environ = os.environ if environ is None else environ
+    sources: list[tuple[str, list[str]]] = [("the environment", sorted(environ))]
+    if env_file is not None:
+        sources.append((str(env_file), list(dotenv_values(env_file, encoding="utf-8"))))
+    out: list[str] = []
+    for where, names in sources:
+        for name in names:
+            upper = name.upper()
+            if upper in known_set or upper in NOT_SETTINGS:
+                continue
+            if not upper.startswith(PREFIX):
+                if env_file is not None and where == str(env_file) and PREFIX + upper in known_set:
+                    out.append(
+                        f"{name} (in {where}) is ignored: settings take the prefix, {PREFIX}{upper}"
+                    )
+                continue
+            if upper.startswith(NOT_SETTINGS_PREFIXES):
+                continue
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+            hint = f": did you mean {close[0]}?" if close else " (every setting is in .env.example)"
+            out.append(f"{name} (in {where}) is not a setting{hint}")
+    return out
+
+
+_FIND = object()
+
+
+def load_settings(*, env_file: Any = _FIND, **overrides: Any) -> Settings:
+    """Build the settings or raise SettingsError with one line naming the setting.
+
+    ``env_file``: a path, None for the environment only, or (default) :func:`find_env_file`.
+    """
+    if env_file is _FIND:
+        env_file = find_env_file()
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = str(err["loc"][0]).upper() if err["loc"] else ""
@@ -352,5 +659,7 @@ def load_settings(**overrides: Any) -> Settings:
             raise SettingsError(msg) from None
         name = f"NOTIFIER_{field}"
         got = err.get("input")
-        shown = "" if field == "SMTP_PASSWORD" or isinstance(got, dict) else f" (got {got!r})"
+        # a value error names the value itself (and a URL or password is never echoed)
+        quiet = field in ("SMTP_PASSWORD", "REDIS_URL") or err["type"] == "value_error"
+        shown = "" if quiet or isinstance(got, dict) else f" (got {got!r})"
         raise SettingsError(f"{name}: {msg}{shown}") from None
