@@ -1,8 +1,9 @@
 """notifier's producer: what a trading strategy imports to queue an alert."""
 
-from .client import AsyncNotifier, Notifier, NotifierUnavailable
+from .client import AsyncNotifier, Notifier, NotifierRefused, NotifierTimeout, NotifierUnavailable
 from .event import Event, InvalidEvent, parse_event
 from .keys import Keys
+from .redis_errors import explain_redis_error, is_write_refused
 
 __all__ = [
     "AsyncNotifier",
@@ -10,6 +11,10 @@ __all__ = [
     "InvalidEvent",
     "Keys",
     "Notifier",
+    "NotifierRefused",
+    "NotifierTimeout",
     "NotifierUnavailable",
+    "explain_redis_error",
+    "is_write_refused",
     "parse_event",
 ]

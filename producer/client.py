@@ -1,22 +1,38 @@
 """The light client a strategy imports: validate an event and LPUSH it, never hang.
 
     from producer import Notifier
-    notifier = Notifier("redis://127.0.0.1:6379/0")
+    notifier = Notifier("redis://127.0.0.1:6379/0")  # else NOTIFIER_REDIS_URL, else env_file
     notifier.send("止损触发 600519", strategy="ma_cross", data={"price": 1700.5})
-    notifier.signal("ma_cross", "600519.SH", "BUY", 1700.5, 100)
+    notifier.signal(strategy="ma_cross", symbol="600519.SH", side="BUY", price=1700.5, qty=100)
 
 Connect and command timeouts default to 0.5 s and redis-py's own retries are off, so a dead
-Redis costs a strategy at most about a second and raises :class:`NotifierUnavailable`.
+Redis costs a strategy at most about a second (or ``retry_s``, when asked to keep trying).
+
+Exceptions::
+
+    InvalidEvent (ValueError)            the event breaks the contract; nothing was sent
+    NotifierUnavailable (ConnectionError)  Redis did not confirm it took the event
+    ├── NotifierRefused                  certainly not queued (refused connection, unknown
+    │                                    host, or Redis answered an error: OOM, MISCONF,
+    │                                    READONLY, wrong password, ...)          .queued False
+    └── NotifierTimeout (also TimeoutError)  may have been queued (no answer in time, or the
+                                         connection broke after the command went out) .queued None
+
+Every ``NotifierUnavailable`` carries ``event`` and ``event_id``. Sending the same event again
+(``notifier.send_event(exc.event)``) is safe: the worker sends one mail per id (its
+``sending:<id>`` claim and ``sent:<id>`` mark turn a second copy into a no-op).
 """
 
 from __future__ import annotations
 
+import asyncio
+import difflib
 import hashlib
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 import redis
 import redis.asyncio as aredis
@@ -24,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from .env import resolve
 from .event import (
     MAX_EVENT_BYTES,
     Event,
@@ -33,15 +50,87 @@ from .event import (
     new_event_id,
 )
 from .keys import Keys
+from .redis_errors import command_not_run, explain_redis_error
 
-__all__ = ["AsyncNotifier", "Notifier", "NotifierUnavailable"]
+__all__ = [
+    "AsyncNotifier",
+    "Notifier",
+    "NotifierRefused",
+    "NotifierTimeout",
+    "NotifierUnavailable",
+]
 
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_TIMEOUT_S = 0.5
+_FIRST_PAUSE_S = 0.05  # between attempts when retrying: 0.05, 0.1, 0.2, 0.4, 0.5, 0.5 ...
+_MAX_PAUSE_S = 0.5
 
 
+# ------------------------------------------------------------------------------ exceptions
 class NotifierUnavailable(ConnectionError):
-    """Redis could not take the event in time; the event was not queued."""
+    """Redis did not confirm that it took the event (see the subclasses for whether it may
+    have). ``event`` is the event as sent (with its id), ``event_id`` its id."""
+
+    queued: ClassVar[bool | None] = None
+
+    def __init__(self, message: str, *, event: Event | None = None) -> None:
+        super().__init__(message)
+        self.event = event
+        self.event_id = event.id if event is not None else None
+
+
+class NotifierRefused(NotifierUnavailable):
+    """The event was certainly not queued: no connection, or Redis answered with an error."""
+
+    queued: ClassVar[bool | None] = False
+
+
+class NotifierTimeout(NotifierUnavailable, TimeoutError):
+    """The event may have been queued: Redis did not answer in time (or the connection broke
+    after the command went out). Sending the same event again is safe."""
+
+    queued: ClassVar[bool | None] = None
+
+
+# ------------------------------------------------------------------------ building events
+# Optional fields passed as keyword arguments: dedup_key="...", dedup_window_s=300, expires_s=60
+OPTIONAL_FIELDS = frozenset({"dedup_key", "dedup_window_s", "expires_s"})
+_SEND_FIELDS = frozenset(
+    {"subject", "body", "data", "strategy", "kind", "severity", "to", "id", "ts"}
+)
+_OPTIONS = frozenset({"retry_s"})
+# signal()'s keywords: a keyword close to one of these is a typo, not a data field.
+_SIGNAL_KEYWORDS = (
+    frozenset(
+        {"strategy", "symbol", "side", "price", "qty", "severity", "body", "to", "id", "ts", "data"}
+    )
+    | _OPTIONS
+)
+
+
+def _closest(name: str, candidates: Collection[str], cutoff: float) -> str | None:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def _unexpected(method: str, name: str, close: str | None, rest: str) -> TypeError:
+    hint = f" (did you mean {close!r}?)" if close else ""
+    return TypeError(f"{method}() got an unexpected keyword argument {name!r}{hint}; {rest}")
+
+
+def _check_send_keywords(extra: Mapping[str, Any]) -> None:
+    for name in sorted(set(extra) - OPTIONAL_FIELDS):
+        fields = _SEND_FIELDS | OPTIONAL_FIELDS
+        close = _closest(name, fields | _OPTIONS, cutoff=0.6)
+        raise _unexpected("send", name, close, f"event fields: {', '.join(sorted(fields))}")
+
+
+def _check_signal_keywords(extra: Mapping[str, Any]) -> None:
+    """Other keywords of signal() are data fields, except one that looks like a typo."""
+    for name in sorted(extra):
+        close = _closest(name, _SIGNAL_KEYWORDS, cutoff=0.85)
+        if close is not None:
+            rest = f"to keep a data field of that name, pass data={{{name!r}: ...}}"
+            raise _unexpected("signal", name, close, rest)
 
 
 def _build_event(
@@ -57,12 +146,7 @@ def _build_event(
     ts: float | str | None,
     extra: Mapping[str, Any],
 ) -> Event:
-    unknown = set(extra) - OPTIONAL_FIELDS
-    if unknown:
-        raise TypeError(
-            f"unknown event field(s) {', '.join(sorted(unknown))}; known optional fields: "
-            f"{', '.join(sorted(OPTIONAL_FIELDS))}"
-        )
+    _check_send_keywords(extra)
     fields: dict[str, Any] = {
         "id": id or new_event_id(),
         "ts": time.time() if ts is None else ts,
@@ -78,8 +162,18 @@ def _build_event(
     return event_from_dict({k: v for k, v in fields.items() if v is not None})
 
 
-# Optional fields passed as keyword arguments: dedup_key="...", dedup_window_s=300, expires_s=60
-OPTIONAL_FIELDS = frozenset({"dedup_key", "dedup_window_s", "expires_s"})
+def _signal_data(
+    *,
+    symbol: str,
+    side: str,
+    price: float,
+    qty: float,
+    data: Mapping[str, Any] | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    _check_signal_keywords(extra)
+    fixed = {"symbol": symbol, "side": side.upper(), "price": price, "qty": qty}
+    return {**fixed, **(data or {}), **extra}
 
 
 def _error_fields(
@@ -95,16 +189,19 @@ def _error_fields(
     first_line = " ".join(text.split())[:200]
     key = hashlib.sha256(f"{strategy}|{first_line}".encode()).hexdigest()[:24]
     fields: dict[str, Any] = {
-        "subject": f"[ERROR] {first_line} · {strategy}"[:256], "body": body,
-        "strategy": strategy, "kind": "error", "dedup_key": f"error:{strategy}:{key}",
-    }  # fmt: skip
+        "subject": f"[ERROR] {first_line} · {strategy}"[:256],
+        "body": body,
+        "strategy": strategy,
+        "kind": "error",
+        "dedup_key": f"error:{strategy}:{key}",
+    }
     if dedup_window_s is not None:
         fields["dedup_window_s"] = dedup_window_s
     return fields
 
 
-def _wire(event: Event) -> tuple[str, str]:
-    """The event's id (assigned if absent) and its JSON text, checked against the size limit."""
+def _wire(event: Event) -> tuple[Event, str, str]:
+    """The event (with an id assigned if absent), its id and its JSON text, checked for size."""
     if event.id is None:
         event = event.model_copy(update={"id": new_event_id()})
     text = event.to_json()
@@ -112,21 +209,45 @@ def _wire(event: Event) -> tuple[str, str]:
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {size} bytes, the limit is {MAX_EVENT_BYTES} bytes")
     assert event.id is not None
-    return event.id, text
+    return event, event.id, text
 
 
-def _signal_data(
-    symbol: str, side: str, price: float, qty: float, extra: Mapping[str, Any]
-) -> dict[str, Any]:
-    return {"symbol": symbol, "side": side.upper(), "price": price, "qty": qty, **extra}
+# ------------------------------------------------------------------------------- sending
+class _Attempts:
+    """The attempts of one send after the first failed: pauses, the ``retry_s`` budget, and
+    the exception to raise. Another attempt starts only if, lasting as long as the longest
+    so far, it still ends within the budget: a send gives up early rather than late."""
 
+    def __init__(self, *, event: Event, started: float, budget: float, url: str | None) -> None:
+        self.event = event
+        self.started = started
+        self.deadline = started + budget
+        self.url = url
+        self.pauses = 0
+        self.longest = 0.0
+        self.maybe_queued = False
+        self.last: BaseException | None = None
 
-def _url(redis_url: str | None) -> str:
-    return redis_url or os.environ.get("NOTIFIER_REDIS_URL") or DEFAULT_REDIS_URL
+    def failed(self, exc: BaseException, attempt_started: float) -> float | None:
+        """Record a failed attempt; the pause before the next one, or None to give up."""
+        now = time.monotonic()
+        self.last = exc
+        self.maybe_queued = self.maybe_queued or not command_not_run(exc)
+        self.longest = max(self.longest, now - attempt_started)
+        pause = min(_FIRST_PAUSE_S * 2**self.pauses, _MAX_PAUSE_S)
+        self.pauses += 1
+        return pause if now + pause + self.longest <= self.deadline else None
 
-
-def _prefix(key_prefix: str | None) -> str:
-    return key_prefix or os.environ.get("NOTIFIER_KEY_PREFIX") or "notifier"
+    def error(self) -> NotifierUnavailable:
+        assert self.last is not None
+        why = explain_redis_error(self.last, self.url)
+        if self.maybe_queued:
+            return NotifierTimeout(
+                f"event {self.event.id} may or may not have been queued: {why}; sending it "
+                "again with the same id is safe (send_event(exc.event))",
+                event=self.event,
+            )
+        return NotifierRefused(f"event {self.event.id} was not queued: {why}", event=self.event)
 
 
 def _options(timeout: float) -> dict[str, Any]:
@@ -138,25 +259,63 @@ def _options(timeout: float) -> dict[str, Any]:
     }
 
 
-class Notifier:
-    """Synchronous producer. Thread-safe (redis-py's pool); cheap to keep for the process."""
+def _seconds(name: str, value: float, *, positive: bool) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value > 0 if positive else value >= 0)
+    ):
+        need = "a number of seconds above 0" if positive else "a number of seconds, 0 or more"
+        raise ValueError(f"{name}={value!r}: give {need}")
+    return float(value)
+
+
+ClientT = TypeVar("ClientT", redis.Redis, aredis.Redis)
+
+
+class _Producer(Generic[ClientT]):
+    """What the sync and asyncio clients share: settings, key names, the Redis client."""
 
     def __init__(
         self,
         redis_url: str | None = None,
-        /,
         *,
         key_prefix: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
-        client: redis.Redis | None = None,
+        retry_s: float = 0.0,
+        env_file: str | os.PathLike[str] | None = None,
+        client: ClientT | None = None,
     ) -> None:
-        self.keys = Keys(_prefix(key_prefix))
-        self._redis = client or redis.Redis.from_url(_url(redis_url), **_options(timeout))
+        url, prefix = resolve(redis_url=redis_url, key_prefix=key_prefix, env_file=env_file)
+        self.keys = Keys(prefix)
+        self.timeout = _seconds("timeout", timeout, positive=True)
+        self.retry_s = _seconds("retry_s", retry_s, positive=False)
+        self._url = None if client is not None else url
+        self._redis: ClientT = client if client is not None else self._connect(url)
+
+    def _connect(self, url: str) -> ClientT:
+        raise NotImplementedError
+
+    def _attempts(self, event: Event, started: float, retry_s: float | None) -> _Attempts:
+        budget = self.retry_s if retry_s is None else _seconds("retry_s", retry_s, positive=False)
+        return _Attempts(event=event, started=started, budget=budget, url=self._url)
+
+
+class Notifier(_Producer[redis.Redis]):
+    """Synchronous producer. Thread-safe (redis-py's pool); cheap to keep for the process.
+
+    ``Notifier(redis_url=None, *, key_prefix=None, timeout=0.5, retry_s=0.0, env_file=None)``:
+    the URL and prefix come from the arguments, else ``NOTIFIER_REDIS_URL`` /
+    ``NOTIFIER_KEY_PREFIX``, else ``env_file`` (or the file named by ``NOTIFIER_ENV_FILE``).
+    ``retry_s`` is the default of every send's ``retry_s``.
+    """
+
+    def _connect(self, url: str) -> redis.Redis:
+        return redis.Redis.from_url(url, **_options(self.timeout))
 
     def send(
         self,
         subject: str | None = None,
-        /,
         *,
         body: str | None = None,
         data: Mapping[str, Any] | None = None,
@@ -166,22 +325,40 @@ class Notifier:
         to: Sequence[str] | None = None,
         id: str | None = None,
         ts: float | str | None = None,
+        retry_s: float | None = None,
         **extra: Any,
     ) -> str:
-        """Queue one event and return its id. Raises InvalidEvent or NotifierUnavailable."""
+        """Queue one event and return its id. Raises InvalidEvent, or NotifierUnavailable
+        (NotifierRefused / NotifierTimeout) after trying for up to ``retry_s`` seconds."""
         event = _build_event(
-            subject, body=body, data=data, strategy=strategy, kind=kind, severity=severity,
-            to=to, id=id, ts=ts, extra=extra,
-        )  # fmt: skip
-        return self.send_event(event)
+            subject,
+            body=body,
+            data=data,
+            strategy=strategy,
+            kind=kind,
+            severity=severity,
+            to=to,
+            id=id,
+            ts=ts,
+            extra=extra,
+        )
+        return self.send_event(event, retry_s=retry_s)
 
-    def send_event(self, event: Event, /) -> str:
-        event_id, text = _wire(event)
-        try:
-            self._redis.lpush(self.keys.queue, text)
-        except RedisError as exc:
-            raise NotifierUnavailable(f"notifier queue unreachable: {exc}") from exc
-        return event_id
+    def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
+        event, event_id, text = _wire(event)
+        attempts: _Attempts | None = None
+        attempt_started = time.monotonic()
+        while True:
+            try:
+                self._redis.lpush(self.keys.queue, text)
+                return event_id
+            except (RedisError, OSError) as exc:
+                attempts = attempts or self._attempts(event, attempt_started, retry_s)
+                pause = attempts.failed(exc, attempt_started)
+            if pause is None:
+                raise attempts.error() from attempts.last
+            time.sleep(pause)
+            attempt_started = time.monotonic()
 
     def signal(
         self,
@@ -190,35 +367,48 @@ class Notifier:
         side: str,
         price: float,
         qty: float,
-        /,
         *,
         severity: Severity = "info",
         body: str | None = None,
         to: Sequence[str] | None = None,
+        id: str | None = None,
+        ts: float | str | None = None,
+        data: Mapping[str, Any] | None = None,
+        retry_s: float | None = None,
         **extra: Any,
     ) -> str:
-        """A trade signal: ``[BUY] 600519.SH 100 @ 1700.50 · ma_cross``."""
+        """A trade signal: ``[BUY] 600519.SH 100 @ 1700.50 · ma_cross``. Other keywords
+        (``reason="golden cross"``) and ``data`` become rows of its table."""
+        fields = _signal_data(
+            symbol=symbol, side=side, price=price, qty=qty, data=data, extra=extra
+        )
         return self.send(
-            body=body, data=_signal_data(symbol, side, price, qty, extra), strategy=strategy,
-            kind="signal", severity=severity, to=to,
-        )  # fmt: skip
+            body=body,
+            data=fields,
+            strategy=strategy,
+            kind="signal",
+            severity=severity,
+            to=to,
+            id=id,
+            ts=ts,
+            retry_s=retry_s,
+        )
 
     def error(
         self,
         strategy: str,
         error: BaseException | str,
-        /,
         *,
         severity: Severity = "critical",
         dedup_window_s: float | None = 300.0,
         to: Sequence[str] | None = None,
+        retry_s: float | None = None,
     ) -> str:
         """An exception (with its traceback) or error text. Repeats of the same error from
         the same strategy within ``dedup_window_s`` become one mail; the next one after the
         window says how many were suppressed."""
         fields = _error_fields(strategy, error, dedup_window_s)
-        subject = fields.pop("subject")
-        return self.send(subject, severity=severity, to=to, **fields)
+        return self.send(severity=severity, to=to, retry_s=retry_s, **fields)
 
     def close(self) -> None:
         self._redis.close()
@@ -230,25 +420,15 @@ class Notifier:
         self.close()
 
 
-class AsyncNotifier:
+class AsyncNotifier(_Producer[aredis.Redis]):
     """asyncio producer with the same interface as :class:`Notifier` (``await send(...)``)."""
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        /,
-        *,
-        key_prefix: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        client: aredis.Redis | None = None,
-    ) -> None:
-        self.keys = Keys(_prefix(key_prefix))
-        self._redis = client or aredis.Redis.from_url(_url(redis_url), **_options(timeout))
+    def _connect(self, url: str) -> aredis.Redis:
+        return aredis.Redis.from_url(url, **_options(self.timeout))
 
     async def send(
         self,
         subject: str | None = None,
-        /,
         *,
         body: str | None = None,
         data: Mapping[str, Any] | None = None,
@@ -258,21 +438,38 @@ class AsyncNotifier:
         to: Sequence[str] | None = None,
         id: str | None = None,
         ts: float | str | None = None,
+        retry_s: float | None = None,
         **extra: Any,
     ) -> str:
         event = _build_event(
-            subject, body=body, data=data, strategy=strategy, kind=kind, severity=severity,
-            to=to, id=id, ts=ts, extra=extra,
-        )  # fmt: skip
-        return await self.send_event(event)
+            subject,
+            body=body,
+            data=data,
+            strategy=strategy,
+            kind=kind,
+            severity=severity,
+            to=to,
+            id=id,
+            ts=ts,
+            extra=extra,
+        )
+        return await self.send_event(event, retry_s=retry_s)
 
-    async def send_event(self, event: Event, /) -> str:
-        event_id, text = _wire(event)
-        try:
-            await self._redis.lpush(self.keys.queue, text)
-        except (RedisError, OSError) as exc:
-            raise NotifierUnavailable(f"notifier queue unreachable: {exc}") from exc
-        return event_id
+    async def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
+        event, event_id, text = _wire(event)
+        attempts: _Attempts | None = None
+        attempt_started = time.monotonic()
+        while True:
+            try:
+                await self._redis.lpush(self.keys.queue, text)
+                return event_id
+            except (RedisError, OSError) as exc:
+                attempts = attempts or self._attempts(event, attempt_started, retry_s)
+                pause = attempts.failed(exc, attempt_started)
+            if pause is None:
+                raise attempts.error() from attempts.last
+            await asyncio.sleep(pause)
+            attempt_started = time.monotonic()
 
     async def signal(
         self,
@@ -281,31 +478,43 @@ class AsyncNotifier:
         side: str,
         price: float,
         qty: float,
-        /,
         *,
         severity: Severity = "info",
         body: str | None = None,
         to: Sequence[str] | None = None,
+        id: str | None = None,
+        ts: float | str | None = None,
+        data: Mapping[str, Any] | None = None,
+        retry_s: float | None = None,
         **extra: Any,
     ) -> str:
+        fields = _signal_data(
+            symbol=symbol, side=side, price=price, qty=qty, data=data, extra=extra
+        )
         return await self.send(
-            body=body, data=_signal_data(symbol, side, price, qty, extra), strategy=strategy,
-            kind="signal", severity=severity, to=to,
-        )  # fmt: skip
+            body=body,
+            data=fields,
+            strategy=strategy,
+            kind="signal",
+            severity=severity,
+            to=to,
+            id=id,
+            ts=ts,
+            retry_s=retry_s,
+        )
 
     async def error(
         self,
         strategy: str,
         error: BaseException | str,
-        /,
         *,
         severity: Severity = "critical",
         dedup_window_s: float | None = 300.0,
         to: Sequence[str] | None = None,
+        retry_s: float | None = None,
     ) -> str:
         fields = _error_fields(strategy, error, dedup_window_s)
-        subject = fields.pop("subject")
-        return await self.send(subject, severity=severity, to=to, **fields)
+        return await self.send(severity=severity, to=to, retry_s=retry_s, **fields)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

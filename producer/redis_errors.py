@@ -24,6 +24,10 @@ is recognised by the error code that starts Redis's reply.
 ``OTHER``          any other error                     no
 =================  ==================================  ====================================
 
+:func:`command_not_run` tells whether Redis certainly did not run the command (it answered
+with an error, or no connection was made), as opposed to a timeout or a broken connection,
+after which the command may have run.
+
 Everything in here is pure: no I/O, importable by the producer (redis and pydantic only).
 """
 
@@ -40,12 +44,13 @@ from redis import exceptions as rex
 __all__ = [
     "RedisProblem",
     "classify_redis_error",
+    "command_not_run",
     "explain_redis_error",
     "is_write_refused",
     "redacted_url",
 ]
 
-_URL_WITH_PASSWORD = "redis://:PASSWORD@host:port/db"
+_URL_FORM = "redis://:PASSWORD@host:port/db"
 # An error code at the start of Redis's reply, or after redis-py's pipeline annotation
 # ("Command # 1 (LPUSH ...) of pipeline caused error: MISCONF ...").
 _MISCONF = re.compile(r"(?:^|error: )MISCONF\b")
@@ -148,6 +153,23 @@ def is_write_refused(exc: BaseException) -> bool:
     return classify_redis_error(exc) in _WRITE_REFUSED
 
 
+def command_not_run(exc: BaseException) -> bool:
+    """True when Redis certainly did not run the command: it answered with an error (OOM,
+    MISCONF, READONLY, NOAUTH, LOADING, ...) or no connection was made (refused, unknown
+    host). False when it may have: no answer in time, or the connection broke after the
+    command may have gone out."""
+    for link in _chain(exc):
+        if not _speaks(link):
+            continue
+        if isinstance(link, rex.ResponseError | rex.AuthenticationError | rex.BusyLoadingError):
+            return True
+        if isinstance(link, ConnectionRefusedError | socket.gaierror):
+            return True
+        if isinstance(link, rex.TimeoutError | TimeoutError):
+            return False
+    return False
+
+
 def _redis_cause(exc: BaseException) -> BaseException:
     """The first redis-py error or OSError in the chain: its text says what Redis said."""
     for link in _chain(exc):
@@ -212,8 +234,7 @@ def explain_redis_error(exc: BaseException, url: str | None = None) -> str:
             else:
                 why = "it requires a password and none was given"
             return (
-                f"{where} refused the password ({why}): set it in NOTIFIER_REDIS_URL"
-                f" ({_URL_WITH_PASSWORD})"
+                f"{where} refused the password ({why}): set it in NOTIFIER_REDIS_URL ({_URL_FORM})"
             )
         case RedisProblem.NO_PERMISSION:
             return (

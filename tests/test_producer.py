@@ -244,3 +244,173 @@ async def test_async_unavailable_when_the_server_never_answers(blackhole_url):
         with pytest.raises(NotifierUnavailable):
             await n.signal("s", "600519.SH", "BUY", 1.0, 1)
     assert 0.4 <= time.monotonic() - t0 < QUICK_S
+
+
+# -- keywords everywhere ------------------------------------------------------------------------
+
+
+def test_every_argument_can_be_given_by_keyword(redis_url, r):
+    with Notifier(redis_url=redis_url) as n:
+        sent = n.send(subject="止损触发", body="text", strategy="ma_cross")
+        signal = n.signal(
+            strategy="ma_cross", symbol="600519.SH", side="buy", price=1700.5, qty=100
+        )
+        error = n.error(strategy="ma_cross", error="feed lost")
+    events = queued(r)
+    assert [e.id for e in events] == [sent, signal, error]
+    assert (events[0].subject, events[0].body) == ("止损触发", "text")
+    assert events[1].data == {"symbol": "600519.SH", "side": "BUY", "price": 1700.5, "qty": 100}
+    assert events[2].kind == "error" and events[2].strategy == "ma_cross"
+
+
+async def test_every_argument_can_be_given_by_keyword_async(redis_url, r):
+    async with AsyncNotifier(redis_url=redis_url) as n:
+        await n.send(subject="s", body="b")
+        await n.signal(strategy="grid", symbol="BTC-USDT", side="sell", price=97250.0, qty=0.05)
+        await n.error(strategy="grid", error=ValueError("bad tick"))
+    events = queued(r)
+    assert events[0].subject == "s"
+    assert events[1].data == {"symbol": "BTC-USDT", "side": "SELL", "price": 97250.0, "qty": 0.05}
+    assert events[2].subject is not None and "ValueError: bad tick" in events[2].subject
+
+
+def test_signal_takes_an_id_a_time_and_data_fields(redis_url, r):
+    """``id`` and ``ts`` are the event's (idempotency, latency); ``data=`` carries fields
+    whose names are close to a keyword (``sides``), other keywords are data fields too."""
+    with Notifier(redis_url) as n:
+        event_id = n.signal(
+            "ma_cross", "600519.SH", "BUY", 1700.5, 100, id="order-7", ts=1795570200,
+            data={"sides": 2}, reason="golden cross",
+        )  # fmt: skip
+    assert event_id == "order-7"
+    (e,) = queued(r)
+    assert (e.id, e.ts) == ("order-7", 1795570200.0)
+    assert e.data is not None
+    assert (e.data["sides"], e.data["reason"]) == (2, "golden cross")
+
+
+@pytest.mark.parametrize(
+    ("call", "wrong", "right"),
+    [
+        (lambda n: n.send(subjet="x"), "subjet", "subject"),
+        (lambda n: n.send("x", severty="critical"), "severty", "severity"),
+        (lambda n: n.send("x", dedup_windows=60), "dedup_windows", "dedup_window_s"),
+        (
+            lambda n: n.signal("s", "600519.SH", "BUY", 1.0, 1, severty="critical"),
+            "severty",
+            "severity",
+        ),
+        (lambda n: n.signal("s", "600519.SH", "BUY", 1.0, 1, stratgy="x"), "stratgy", "strategy"),
+    ],
+)
+def test_a_misspelt_keyword_names_the_closest_field(call, wrong, right):
+    spy = NoRedis()
+    n = Notifier(client=spy)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as info:
+        call(n)
+    assert f"'{wrong}'" in str(info.value)
+    assert f"did you mean '{right}'?" in str(info.value)
+    assert spy.calls == []
+
+
+async def test_a_misspelt_keyword_names_the_closest_field_async():
+    n = AsyncNotifier(client=NoRedis())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"'boddy'.*did you mean 'body'"):
+        await n.send("x", boddy="text")
+
+
+def test_an_unknown_keyword_far_from_any_field_lists_the_fields():
+    n = Notifier(client=NoRedis())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"'zzz'.*event fields: body, data, dedup_key"):
+        n.send("x", zzz=1)
+
+
+# -- settings from the environment and an env file -------------------------------------------
+
+DOTENV = """\
+# the worker's .env: the producer reads only NOTIFIER_REDIS_URL and NOTIFIER_KEY_PREFIX
+NOTIFIER_SMTP_PASSWORD=abcdefghijklmnop
+export NOTIFIER_REDIS_URL="{url}"   # quoted, exported
+NOTIFIER_KEY_PREFIX = fromfile  # a comment
+"""
+
+
+@pytest.fixture
+def dotenv_file(tmp_path, redis_url):
+    path = tmp_path / ".env"
+    path.write_text(DOTENV.format(url=redis_url), encoding="utf-8")
+    return path
+
+
+def test_env_file_given_to_the_constructor(dotenv_file, r):
+    with Notifier(env_file=dotenv_file) as n:
+        assert n.keys == Keys("fromfile")
+        n.send("s")
+    assert r.llen("fromfile:queue") == 1
+
+
+async def test_env_file_from_notifier_env_file(dotenv_file, r, monkeypatch):
+    monkeypatch.setenv("NOTIFIER_ENV_FILE", str(dotenv_file))
+    async with AsyncNotifier() as n:
+        await n.send("s")
+    assert r.llen("fromfile:queue") == 1
+
+
+def test_arguments_beat_the_environment_which_beats_the_env_file(dotenv_file, r, monkeypatch):
+    monkeypatch.setenv("NOTIFIER_KEY_PREFIX", "fromenv")
+    with Notifier(env_file=dotenv_file) as n:
+        assert n.keys == Keys("fromenv")
+    with Notifier(env_file=dotenv_file, key_prefix="fromarg") as n:
+        assert n.keys == Keys("fromarg")
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing there
+    with Notifier(env_file=dotenv_file) as n, pytest.raises(NotifierUnavailable):
+        n.send("s")
+
+
+def test_a_missing_env_file_is_one_clear_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nope.env"
+    with pytest.raises(ValueError, match=r"^env_file=.*nope\.env: cannot read it \(No such file"):
+        Notifier(env_file=missing)
+    monkeypatch.setenv("NOTIFIER_ENV_FILE", str(missing))
+    with pytest.raises(ValueError, match=r"^NOTIFIER_ENV_FILE=.*nope\.env: cannot read it"):
+        AsyncNotifier()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "NOTIFIER_REDIS_URL=redis://h:1/0",
+        "NOTIFIER_REDIS_URL = redis://h:1/0 # comment",
+        "export NOTIFIER_REDIS_URL=redis://h:1/0",
+        "NOTIFIER_REDIS_URL='redis://:p#w@h:1/0'  # the # is quoted",
+        'NOTIFIER_REDIS_URL="redis://:p w\\"x@h:1/0"',
+        "NOTIFIER_REDIS_URL=redis://:p#w@h:1/0",
+        "NOTIFIER_REDIS_URL=",
+        "notifier_redis_url=redis://lower:1/0",
+        "  NOTIFIER_REDIS_URL=redis://indented:1/0",
+    ],
+)
+def test_env_file_lines_read_like_the_worker_reads_them(tmp_path, line):
+    """The worker reads .env with python-dotenv (through pydantic-settings, case-insensitive);
+    the producer's tiny reader must agree on every line form a user may write."""
+    from dotenv import dotenv_values
+
+    from producer.env import read_env_file
+
+    path = tmp_path / ".env"
+    path.write_text(line + "\n", encoding="utf-8")
+    expected = {k.upper(): v for k, v in dotenv_values(path).items() if v is not None}
+    assert read_env_file(path) == expected
+
+
+def test_the_producer_imports_neither_the_worker_nor_its_settings_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, producer; from producer import Notifier; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('worker', 'pydantic_settings', 'dotenv', 'jinja2', 'aiosmtplib')); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -8,8 +8,14 @@ Each refusal is produced for real: ``maxmemory`` with ``noeviction`` (OOM), ``RE
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -19,9 +25,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError
 from redis.retry import Retry
 
+from producer import (
+    AsyncNotifier,
+    Notifier,
+    NotifierRefused,
+    NotifierTimeout,
+    NotifierUnavailable,
+)
 from producer.redis_errors import (
     RedisProblem,
     classify_redis_error,
+    command_not_run,
     explain_redis_error,
     is_write_refused,
     redacted_url,
@@ -137,7 +151,7 @@ def test_full_redis_is_explained_and_refuses_writes(full):
     ):
         exc = error_of(call)
         assert classify_redis_error(exc) is RedisProblem.FULL
-        assert is_write_refused(exc)
+        assert is_write_refused(exc) and command_not_run(exc)
         assert explain_redis_error(exc) == (
             "Redis is full (OOM: maxmemory reached, policy noeviction): raise maxmemory or "
             "drain the queue (notifier stats / dead purge)"
@@ -158,7 +172,7 @@ async def test_full_redis_from_the_asyncio_client(full):
 def test_failing_persistence_is_explained_and_refuses_writes(misconf):
     exc = error_of(lambda: client(misconf).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.PERSISTENCE
-    assert is_write_refused(exc)
+    assert is_write_refused(exc) and command_not_run(exc)
     assert explain_redis_error(exc, misconf) == (
         f"Redis at {misconf} refuses writes because persistence is failing (MISCONF): check "
         "its disk and the RDB/AOF settings (its log says why)"
@@ -171,7 +185,7 @@ def test_failing_persistence_is_explained_and_refuses_writes(misconf):
 def test_replica_is_explained_and_refuses_writes(readonly):
     exc = error_of(lambda: client(readonly).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.READONLY
-    assert is_write_refused(exc)
+    assert is_write_refused(exc) and command_not_run(exc)
     assert explain_redis_error(exc) == (
         "Redis is a read-only replica (READONLY): point NOTIFIER_REDIS_URL at the master"
     )
@@ -189,7 +203,7 @@ def test_refused_password_is_explained_without_echoing_it(with_password, url_of,
     url = url_of(with_password)
     exc = error_of(lambda: client(url).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.AUTH
-    assert not is_write_refused(exc)
+    assert not is_write_refused(exc) and command_not_run(exc)
     line = explain_redis_error(exc, url)
     assert line == (
         f"Redis at {redacted_url(url)} refused the password ({why}): set it in "
@@ -201,7 +215,7 @@ def test_refused_password_is_explained_without_echoing_it(with_password, url_of,
 def test_refused_connection_is_unreachable(refused_redis_url):
     exc = error_of(lambda: client(refused_redis_url).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.UNREACHABLE
-    assert not is_write_refused(exc)
+    assert not is_write_refused(exc) and command_not_run(exc)  # refused at connect
     line = explain_redis_error(exc, refused_redis_url)
     assert line.startswith(f"Redis at {refused_redis_url} unreachable (Error 111 connecting")
     assert line.endswith("): start it or set NOTIFIER_REDIS_URL")
@@ -212,6 +226,7 @@ def test_unknown_host_names_the_host():
     url = "redis://no-such-host.invalid:6390/0"
     exc = error_of(lambda: client(url).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.HOST_NOT_FOUND
+    assert command_not_run(exc)
     line = explain_redis_error(exc, url)
     assert line.startswith("Redis host 'no-such-host.invalid' not found (")
     assert line.endswith("): fix the host in NOTIFIER_REDIS_URL")
@@ -220,7 +235,7 @@ def test_unknown_host_names_the_host():
 def test_silent_server_is_a_timeout(silent_url):
     exc = error_of(lambda: client(silent_url).lpush("q", "x"))
     assert classify_redis_error(exc) is RedisProblem.TIMEOUT
-    assert not is_write_refused(exc)
+    assert not is_write_refused(exc) and not command_not_run(exc)  # it may have run
     line = explain_redis_error(exc, silent_url)
     assert line.startswith(f"Redis at {silent_url} did not answer in time (")
     assert classify_redis_error(TimeoutError()) is RedisProblem.TIMEOUT  # asyncio.wait_for
@@ -275,3 +290,147 @@ def test_redacted_url(url, shown):
 def test_a_long_error_stays_one_short_line():
     line = explain_redis_error(RedisError("x\n" * 500))
     assert "\n" not in line and len(line) < 300
+
+
+# -- what the producer raises: refused (not queued) or timed out (may be queued) ----------------
+
+
+@pytest.fixture
+def frozen(server: RedisServer) -> Iterator[RedisServer]:
+    """``frozen.freeze()`` stops the server process (SIGSTOP): connections still open, nothing
+    answers. It is always resumed (SIGCONT) at teardown."""
+    stopped = []
+
+    def freeze() -> None:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped.append(server.pid)
+
+    def thaw() -> None:
+        while stopped:
+            with contextlib.suppress(ProcessLookupError):  # killed while frozen
+                os.kill(stopped.pop(), signal.SIGCONT)
+
+    server.freeze = freeze  # type: ignore[attr-defined]
+    server.thaw = thaw  # type: ignore[attr-defined]
+    yield server
+    thaw()
+
+
+@pytest.mark.parametrize("where", ["refused_redis_url", "full", "readonly", "misconf"])
+def test_refused_means_not_queued(request, where):
+    url = request.getfixturevalue(where)
+    with Notifier(url) as n, pytest.raises(NotifierRefused) as info:
+        n.send("止损", id="evt-1")
+    exc = info.value
+    assert isinstance(exc, NotifierUnavailable) and isinstance(exc, ConnectionError)
+    assert exc.queued is False
+    assert exc.event_id == "evt-1" and exc.event.id == "evt-1"
+    assert str(exc).startswith("event evt-1 was not queued: Redis at ")
+    assert str(exc).removeprefix("event evt-1 was not queued: ") == explain_redis_error(
+        exc.__cause__, url
+    )
+    with client(url) as r:
+        if where != "refused_redis_url":
+            assert r.llen("notifier:queue") == 0
+
+
+def test_refused_password_is_not_echoed(with_password):
+    url = f"redis://:wrong-{PASSWORD}@127.0.0.1:{with_password}/0"
+    with Notifier(url) as n, pytest.raises(NotifierRefused) as info:
+        n.send("s")
+    assert "refused the password" in str(info.value)
+    assert "hunter2" not in str(info.value) and "hunter2" not in repr(info.value.args)
+
+
+def test_a_frozen_redis_may_have_queued_the_event(frozen):
+    """SIGSTOP while the producer is connected: LPUSH is written, no answer comes. The event
+    may well be queued (here it is, once the server resumes), so the error must not say it
+    was not; sending it again with the same id is safe."""
+    with Notifier(frozen.url, timeout=0.3) as n:
+        n.send("warm the connection")
+        frozen.freeze()
+        t0 = time.monotonic()
+        with pytest.raises(NotifierTimeout) as info:
+            n.send("止损触发", id="maybe-1")
+        assert time.monotonic() - t0 < 1.0
+        exc = info.value
+        assert isinstance(exc, NotifierUnavailable) and isinstance(exc, TimeoutError)
+        assert exc.queued is None and exc.event_id == "maybe-1"
+        assert "not queued" not in str(exc)
+        assert str(exc).startswith("event maybe-1 may or may not have been queued: Redis at ")
+        assert "sending it again with the same id is safe" in str(exc)
+        frozen.thaw()
+        with client(frozen.url) as r:
+            wait_until(lambda: r.llen("notifier:queue") == 2, 5, "the event to arrive")
+            assert n.send_event(exc.event) == "maybe-1"  # the documented resend
+            assert [json.loads(x)["id"] for x in r.lrange("notifier:queue", 0, 1)] == [
+                "maybe-1",
+                "maybe-1",
+            ]
+
+
+async def test_a_frozen_redis_may_have_queued_the_event_async(frozen):
+    async with AsyncNotifier(frozen.url, timeout=0.3) as n:
+        await n.send("warm the connection")
+        frozen.freeze()
+        with pytest.raises(NotifierTimeout) as info:
+            await n.send("s", id="maybe-2")
+        assert info.value.queued is None and info.value.event_id == "maybe-2"
+        frozen.thaw()
+    with client(frozen.url) as r:
+        wait_until(lambda: r.llen("notifier:queue") == 2, 5, "the event to arrive")
+
+
+async def test_async_refused_means_not_queued(full):
+    async with AsyncNotifier(full) as n:
+        with pytest.raises(
+            NotifierRefused, match=r"^event \S+ was not queued: Redis at .* is full"
+        ):
+            await n.signal("ma", "600519.SH", "BUY", 1.0, 1)
+
+
+def test_retry_s_rides_out_a_short_freeze(frozen):
+    with Notifier(frozen.url, timeout=0.3) as n:
+        n.send("warm")
+        frozen.freeze()
+        threading.Timer(0.5, frozen.thaw).start()
+        t0 = time.monotonic()
+        event_id = n.send("after the freeze", retry_s=3.0)
+        assert time.monotonic() - t0 < 2.0
+    with client(frozen.url) as r:
+        ids = [json.loads(x)["id"] for x in r.lrange("notifier:queue", 0, -1)]
+    assert event_id in ids  # maybe twice (the first attempt's copy): the worker sends one
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.7, 1.5])
+def test_retry_s_never_blocks_longer_than_asked(frozen, budget):
+    frozen.freeze()
+    with Notifier(frozen.url, timeout=0.3) as n:
+        t0 = time.monotonic()
+        with pytest.raises(NotifierTimeout):
+            n.send("s", retry_s=budget)
+        elapsed = time.monotonic() - t0
+    assert elapsed <= max(budget, 0.3) + 0.15
+
+
+async def test_retry_s_never_blocks_longer_than_asked_async(refused_redis_url):
+    async with AsyncNotifier(refused_redis_url, retry_s=0.6) as n:
+        t0 = time.monotonic()
+        with pytest.raises(NotifierRefused):
+            await n.send("s")
+        elapsed = time.monotonic() - t0
+    assert 0.3 < elapsed <= 0.6 + 0.1  # it did retry, within the budget
+
+
+def test_after_a_timeout_a_later_refusal_still_says_maybe_queued(frozen):
+    """Attempt 1 times out (its LPUSH may be in), then the server dies (refused): the event
+    may still have been queued, so the error is a timeout, not a refusal."""
+    with Notifier(frozen.url, timeout=0.3) as n:
+        n.send("warm")
+        frozen.freeze()
+        threading.Timer(0.4, frozen.kill).start()
+        with pytest.raises(NotifierTimeout) as info:
+            n.send("s", retry_s=1.5)
+    assert info.value.queued is None
+    assert "unreachable" in str(info.value)  # the last attempt's explanation
