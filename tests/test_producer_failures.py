@@ -327,9 +327,10 @@ def test_refused_means_not_queued(request, where):
     assert exc.queued is False
     assert exc.event_id == "evt-1" and exc.event.id == "evt-1"
     assert str(exc).startswith("event evt-1 was not queued: Redis at ")
-    assert str(exc).removeprefix("event evt-1 was not queued: ") == explain_redis_error(
-        exc.__cause__, url
-    )
+    line = explain_redis_error(exc.__cause__, url)
+    assert str(exc).removeprefix("event evt-1 was not queued: ") == line
+    assert explain_redis_error(exc, url) == line  # the helpers accept the producer's error
+    assert is_write_refused(exc) is (where != "refused_redis_url")
     with client(url) as r:
         if where != "refused_redis_url":
             assert r.llen("notifier:queue") == 0
