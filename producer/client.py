@@ -297,7 +297,7 @@ class _Producer(Generic[ClientT]):
         raise NotImplementedError
 
     def _attempts(self, event: Event, started: float, retry_s: float | None) -> _Attempts:
-        budget = self.retry_s if retry_s is None else _seconds("retry_s", retry_s, positive=False)
+        budget = self.retry_s if retry_s is None else retry_s
         return _Attempts(event=event, started=started, budget=budget, url=self._url)
 
 
@@ -345,6 +345,8 @@ class Notifier(_Producer[redis.Redis]):
         return self.send_event(event, retry_s=retry_s)
 
     def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
+        if retry_s is not None:
+            retry_s = _seconds("retry_s", retry_s, positive=False)
         event, event_id, text = _wire(event)
         attempts: _Attempts | None = None
         attempt_started = time.monotonic()
@@ -456,6 +458,8 @@ class AsyncNotifier(_Producer[aredis.Redis]):
         return await self.send_event(event, retry_s=retry_s)
 
     async def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
+        if retry_s is not None:
+            retry_s = _seconds("retry_s", retry_s, positive=False)
         event, event_id, text = _wire(event)
         attempts: _Attempts | None = None
         attempt_started = time.monotonic()

@@ -414,3 +414,14 @@ def test_the_producer_imports_neither_the_worker_nor_its_settings_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bad", [-1, "2", True, float("nan")])
+def test_a_bad_retry_budget_is_refused_before_sending(bad):
+    spy = NoRedis()
+    n = Notifier(client=spy)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^retry_s=.*: give a number of seconds, 0 or more"):
+        n.send("s", retry_s=bad)
+    with pytest.raises(ValueError, match=r"^timeout=.*: give a number of seconds above 0"):
+        Notifier(client=spy, timeout=0)  # type: ignore[arg-type]
+    assert spy.calls == []
