@@ -58,6 +58,7 @@ HEADERS = {
     "subject", "from", "to", "date", "message-id", "x-notifier-event-id",
     "x-notifier-severity", "x-notifier-strategy", "x-priority", "importance",
     "in-reply-to", "references", "mime-version", "content-type",
+    "auto-submitted", "x-auto-response-suppress",
 }  # fmt: skip
 ONCE = HEADERS - {"x-priority", "importance"}
 
@@ -452,7 +453,8 @@ COMPOSER = Composer(mail_from=MAIL_FROM, hostname="notifier.test")
 
 def expected_headers(event: Event) -> set[str]:
     names = {"subject", "from", "to", "date", "message-id", "x-notifier-event-id",
-             "x-notifier-severity", "mime-version", "content-type"}  # fmt: skip
+             "x-notifier-severity", "mime-version", "content-type",
+             "auto-submitted", "x-auto-response-suppress"}  # fmt: skip
     if event.strategy:
         names.add("x-notifier-strategy")
     if event.severity == "critical":
