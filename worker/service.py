@@ -235,7 +235,7 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def _serve(self) -> None:
-        for name in ("fetch", "scheduler", "keeper", "lanes"):
+        for name in ("fetch", "scheduler", "keeper", "heartbeat", "lanes"):
             self.monitor.register(name)
         lanes = [
             asyncio.create_task(self._lane(i), name=f"lane-{i}")
@@ -245,6 +245,7 @@ class Worker:
             asyncio.create_task(self._scheduler_loop(), name="scheduler"),
             asyncio.create_task(self._digest_loop(), name="digests"),
             asyncio.create_task(self._keeper_loop(), name="keeper"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self.systemd.run_watchdog(self.monitor, status=self._status)),
         ]
         fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
@@ -497,21 +498,31 @@ class Worker:
             self._held.update(taken[1])
             self._work.put_nowait(_DigestJob(*taken, epoch=self._epoch))
 
-    async def _keeper_loop(self) -> None:
-        period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
-        while not self._stop.is_set():
-            self.monitor.beat("keeper")
-            if self._inflight == 0:
-                self.monitor.beat("lanes")  # idle lanes are healthy lanes
+    async def _heartbeat_loop(self) -> None:
+        """Renew the heartbeat every quarter TTL, on its own so that nothing else (a keeper
+        step waiting for a full Redis) delays it, and until cancelled: in-flight sends that
+        finish during a graceful stop are still this worker's."""
+        period = min(max(0.25, self.settings.heartbeat_ttl_s / 4), self._tick)
+        while True:
+            self.monitor.beat("heartbeat")
             registered = await self._redis(
-                lambda: self.queue.heartbeat(self._info()), "heartbeat", "keeper", max_delay=period
-            )
+                lambda: self.queue.heartbeat(self._info()), "heartbeat", "heartbeat",
+                max_delay=period,
+            )  # fmt: skip
             if not registered:
                 self._epoch += 1
                 logger.error(
                     "this worker was taken for dead (its heartbeat lapsed) and its in-flight "
                     "events were returned to the queue; it dropped its copies and goes on"
                 )
+            await asyncio.sleep(period)
+
+    async def _keeper_loop(self) -> None:
+        period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
+        while not self._stop.is_set():
+            self.monitor.beat("keeper")
+            if self._inflight == 0:
+                self.monitor.beat("lanes")  # idle lanes are healthy lanes
             await self._warn_foreign_queues()
             moved = await self._redis(self.queue.recover, "recover", "keeper")
             for wid, n in moved.items():
