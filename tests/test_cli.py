@@ -303,8 +303,10 @@ def test_dead_replay_all_skips_what_is_not_json(notifier, env, r):
     seed_dead(r)
     res = notifier("dead", "replay", "--all", env=env)
     assert res.code == 0, res
-    assert "skipped <no id>" in res.out
-    assert res.out.strip().endswith("replayed 2 event(s)")
+    assert "kept " in res.out and "(no id): still invalid (event is not JSON" in res.out
+    assert res.out.strip().endswith(
+        "replayed 2 event(s); 1 still invalid, kept as dead letters (see `notifier dead list`)"
+    )
     assert sorted(e.id for e in queued(r)) == ["e1", "e3"]
     assert r.llen("notifier:dead") == 1
 
@@ -313,7 +315,9 @@ def test_dead_replay_unknown_id(notifier, env, r):
     seed_dead(r)
     res = notifier("dead", "replay", "--id", "nope", env=env)
     assert res.code == 1
-    assert res.err_lines == ["notifier dead: no dead letter with id nope"]
+    assert res.err_lines == [
+        "notifier dead: no dead letter with id or handle nope (see `notifier dead list`)"
+    ]
     assert r.llen("notifier:dead") == 3
 
 

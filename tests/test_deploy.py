@@ -312,6 +312,30 @@ def test_units_carry_the_required_settings():
     assert sandbox(template) == sandbox(service), "keep the two units' hardening in step"
 
 
+def test_units_read_no_env_file_and_instances_get_their_own_metrics_port():
+    """systemd loads the env file itself (the dynamic user could not read /etc/notifier);
+    instance N of the template serves /metrics on METRICS_PORT + N."""
+    service = (DEPLOY / "notifier.service").read_text()
+    template = (DEPLOY / "notifier@.service").read_text()
+    for unit in (service, template):
+        assert re.search(r"^Environment=NOTIFIER_ENV_FILE=none$", unit, re.M)
+    assert re.search(r"^Environment=NOTIFIER_METRICS_PORT_OFFSET=%i$", template, re.M)
+    assert "NOTIFIER_METRICS_PORT_OFFSET=" not in service
+
+
+def test_printed_check_command_uses_the_service_environment_only(tmp_path):
+    out = install_root(tmp_path / "root").stdout
+    assert "-p Environment=NOTIFIER_ENV_FILE=none" in out
+
+
+def test_env_example_names_every_setting_and_nothing_else():
+    from worker.settings import setting_names, unknown_variables
+
+    text = (REPO / ".env.example").read_text(encoding="utf-8")
+    assert [name for name in setting_names() if name not in text] == []
+    assert unknown_variables(REPO / ".env.example", environ={}) == []
+
+
 def test_stop_timeout_exceeds_the_worker_grace_period():
     service = (DEPLOY / "notifier.service").read_text()
     match = re.search(r"^TimeoutStopSec=(\d+)$", service, re.M)

@@ -1,30 +1,49 @@
 """The ``notifier`` command. Exit codes: 0 ok, 1 a check or operation failed, 2 bad usage or
-settings, 3 ``stats --slo`` below the objective. Errors are one line saying what to do."""
+settings, 3 ``stats --slo`` below the objective. Errors are one line saying what to do.
+
+Every command takes ``--env-file PATH`` (see :func:`worker.settings.find_env_file` for the
+order otherwise). A pipe closed early (``notifier dead list | head -1``) ends a command
+quietly with status 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 from redis.exceptions import RedisError
 
 from producer.client import AsyncNotifier, NotifierUnavailable
 from producer.event import Event, InvalidEvent, event_from_dict, parse_event
+from producer.redis_errors import explain_redis_error
 
 from .errors import SendError
 from .logs import setup_logging
 from .mailer import Connection, message_bytes, tls_context
 from .metrics import summarize
 from .queue import Queue, connect
-from .settings import Settings, SettingsError, load_settings
+from .settings import (
+    Settings,
+    SettingsError,
+    find_env_file,
+    load_settings,
+    unknown_variables,
+)
 
 __all__ = ["main"]
+
+logger = logging.getLogger(__name__)
 
 
 class CommandError(Exception):
@@ -47,20 +66,39 @@ def _duration(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    env_help = (
+        "settings file (default: NOTIFIER_ENV_FILE, else ./.env, else "
+        "/etc/notifier/notifier.env if it exists; 'none': the environment only)"
+    )
     p = argparse.ArgumentParser(
         prog="notifier",
         description="Deliver trading strategies' alerts from a Redis queue by e-mail.",
     )
+    p.add_argument("--env-file", metavar="PATH", help=env_help)
+    # also after the command (`notifier stats --env-file F`); SUPPRESS keeps one given before
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env-file", metavar="PATH", default=argparse.SUPPRESS, help=env_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the worker daemon")
+    def command(parent: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = parent.add_parser(
+            name, help=help, parents=[common], **kwargs
+        )
+        return made
+
+    run = command(sub, "run", "run the worker daemon")
     run.add_argument("--burst", action="store_true", help="exit once nothing is left to do")
 
-    push = sub.add_parser("push", help="queue an event from the shell")
+    push = command(sub, "push", "queue an event from the shell")
     push.add_argument("subject", nargs="?", help="subject line")
     push.add_argument("--body", help="free text ('-' reads standard input)")
-    push.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
-                      help="a data field (numbers are kept as numbers); repeatable")  # fmt: skip
+    push.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a data field (numbers are kept as numbers); repeatable",
+    )
     push.add_argument("--strategy")
     push.add_argument("--kind", default="info")
     push.add_argument("--severity", choices=["info", "warning", "critical"], default="info")
@@ -68,59 +106,153 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--id", help="idempotency key")
     push.add_argument("--dedup-key", help="repeats with this key within the window are sent once")
     push.add_argument("--dedup-window-s", type=float, metavar="SECONDS")
-    push.add_argument("--expires-s", type=float, metavar="SECONDS",
-                      help="dead letter 'expired' instead of delivering later than this")  # fmt: skip
+    push.add_argument(
+        "--expires-s",
+        type=float,
+        metavar="SECONDS",
+        help="dead letter 'expired' instead of delivering later than this",
+    )
     push.add_argument("--json", dest="raw", help="a whole event as JSON ('-' reads stdin)")
 
-    sub.add_parser("check", help="check settings, Redis and SMTP login (sends nothing)")
+    command(sub, "check", "check settings, Redis and SMTP login (sends nothing)")
 
-    st = sub.add_parser("send-test", help="send one real e-mail and show where the time went")
+    st = command(sub, "send-test", "send one real e-mail and show where the time went")
     st.add_argument("--to", required=True, help="recipient address")
 
-    stats = sub.add_parser("stats", help="depths, outcomes and latency of all workers")
-    stats.add_argument("--window", type=_duration, default=_duration("15m"),
-                       help="how far back (e.g. 5m, 1h; default 15m)")  # fmt: skip
+    stats = command(sub, "stats", "depths, outcomes and latency of all workers")
+    stats.add_argument(
+        "--window",
+        type=_duration,
+        default=_duration("15m"),
+        help="how far back (e.g. 5m, 1h; default 15m)",
+    )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    stats.add_argument("--slo", type=float, metavar="SHARE",
-                       help="exit 3 when the share within the latency target is below SHARE "
-                       "(e.g. 0.99)")  # fmt: skip
+    stats.add_argument(
+        "--slo",
+        type=float,
+        metavar="SHARE",
+        help="exit 3 when the share within the latency target is below SHARE (e.g. 0.99)",
+    )
 
-    dead = sub.add_parser("dead", help="inspect, replay or purge dead letters")
+    dead = command(sub, "dead", "inspect, replay or purge dead letters")
     dsub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
-    dl = dsub.add_parser("list", help="show dead letters, newest first")
+    dl = command(dsub, "list", "show dead letters with their handles, newest first")
     dl.add_argument("--limit", type=int, default=20)
     dl.add_argument("--json", action="store_true")
-    dr = dsub.add_parser("replay", help="queue dead letters again (attempts reset)")
+    dr = command(
+        dsub,
+        "replay",
+        "queue dead letters again (attempts reset); an event that is still invalid stays dead",
+    )
     g = dr.add_mutually_exclusive_group(required=True)
-    g.add_argument("--id", help="the event id to replay")
+    g.add_argument(
+        "--id",
+        metavar="ID_OR_HANDLE",
+        help="an event id, or the handle `dead list` shows (also for letters without an id)",
+    )
     g.add_argument("--all", action="store_true", help="replay every dead letter")
-    dp = dsub.add_parser("purge", help="delete every dead letter")
+    dp = command(dsub, "purge", "delete every dead letter")
     dp.add_argument("--yes", action="store_true", help="do not ask")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on a throwaway Redis and SMTP sink")
+    demo = command(sub, "demo", "the whole pipeline on a throwaway Redis and SMTP sink")
     demo.add_argument("--events", type=int, default=20)
 
-    bench = sub.add_parser("bench", help="end-to-end benchmark against the old smtplib recipe")
+    bench = command(sub, "bench", "end-to-end benchmark against the old smtplib recipe")
     bench.add_argument("--quick", action="store_true", help="a short run (for smoke tests)")
-    bench.add_argument("--rtt-ms", type=float, default=50.0,
-                       help="round trip added by the latency proxy (default 50)")  # fmt: skip
+    bench.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=50.0,
+        help="round trip added by the latency proxy (default 50)",
+    )
     bench.add_argument("--json", action="store_true")
-    bench.add_argument("--scenario", action="append", metavar="NAME",
-                       help="run only this scenario (repeatable): tls, chunking, burst, "
-                       "steady, saturation, rss")  # fmt: skip
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help="run only this scenario (repeatable): tls, chunking, burst, steady, saturation, rss",
+    )
     return p
 
 
 # ======================================================================== helpers
-def _settings(*, mail: bool = False) -> Settings:
+def _with_typo(message: str, unknown: Sequence[str]) -> str:
+    """``message`` (naming NOTIFIER_X first) and a misspelt variable meant as X, if any."""
+    name = message.split(":", 1)[0].split("=", 1)[0]
+    typos = [u for u in unknown if u.endswith(f"did you mean {name}?")]
+    return f"{message}; note: {typos[0]}" if typos else message
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The settings of one command, where they came from, and the variables that are not."""
+
+    settings: Settings
+    env_file: Path | None
+    unknown: list[str]
+
+    def hint(self, message: str) -> str:
+        return _with_typo(message, self.unknown)
+
+    def require_mail(self) -> None:
+        try:
+            self.settings.require_mail()
+        except SettingsError as exc:
+            raise CommandError(self.hint(str(exc)), 2) from None
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    """Settings from ``--env-file`` / NOTIFIER_ENV_FILE / ./.env / the installer's file and
+    the environment; CommandError (exit 2) with one line when one is wrong."""
+    unknown: list[str] = []
     try:
-        s = load_settings()
-        if mail:
-            s.require_mail()
-        return s
+        env_file = find_env_file(getattr(args, "env_file", None))
+        unknown = unknown_variables(env_file)
+        settings = load_settings(env_file=env_file)
     except SettingsError as exc:
-        raise CommandError(str(exc), 2) from None
+        raise CommandError(_with_typo(str(exc), unknown), 2) from None
+    return Loaded(settings, env_file, unknown)
+
+
+def _warn(command: str, lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"notifier {command}: warning: {line}", file=sys.stderr)
+
+
+def _check_templates(s: Settings) -> None:
+    """Load every template of TEMPLATE_DIR once, so a broken one stops the command with one
+    line (file and line) instead of failing each mail."""
+    if s.template_dir is None:
+        return
+    import jinja2
+
+    from .compose import Composer
+
+    where = s.template_dir
+    fix = "fix it, or unset NOTIFIER_TEMPLATE_DIR for the built-in templates"
+    try:
+        names = sorted(n for n in os.listdir(where) if n.endswith(".j2"))
+        for name in names:
+            where = s.template_dir / name
+            where.read_bytes().decode("utf-8")
+        where = s.template_dir
+        composer = Composer(mail_from=s.mail_from or "notifier@localhost", template_dir=where)
+        for name in names:
+            where = s.template_dir / name
+            composer.env.get_template(name)
+    except UnicodeDecodeError as exc:
+        raise CommandError(
+            f"NOTIFIER_TEMPLATE_DIR: {where}: not UTF-8 (byte {exc.start}); save it as UTF-8", 2
+        ) from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise CommandError(
+            f"NOTIFIER_TEMPLATE_DIR: {exc.filename or where} line {exc.lineno}: {exc.message}; "
+            f"{fix}",
+            2,
+        ) from None
+    except (jinja2.TemplateError, OSError) as exc:
+        raise CommandError(f"NOTIFIER_TEMPLATE_DIR: {where}: {exc}; {fix}", 2) from None
 
 
 def _queue(s: Settings) -> Queue:
@@ -130,9 +262,8 @@ def _queue(s: Settings) -> Queue:
 
 
 def _redis_error(s: Settings, exc: BaseException) -> CommandError:
-    return CommandError(
-        f"Redis at {s.redis_url_display} unreachable ({exc}); start it or set NOTIFIER_REDIS_URL"
-    )
+    """What Redis said, as one line (full, read-only, refused, DNS, timeout, password...)."""
+    return CommandError(explain_redis_error(exc, s.redis_url))
 
 
 def _coerce(value: str) -> Any:
@@ -148,13 +279,29 @@ def _coerce(value: str) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .service import run
 
-    s = _settings(mail=True)
+    loaded = _load(args)
+    s = loaded.settings
     setup_logging(s.log_level, s.log_format)
-    return run(s, burst=args.burst)
+    if loaded.env_file is not None:
+        logger.info("settings from %s", loaded.env_file)
+    else:
+        logger.info("no env file; environment only")
+    for line in loaded.unknown:
+        logger.warning("%s", line)
+    loaded.require_mail()
+    for line in s.sender_warnings():
+        logger.warning("%s", line)
+    _check_templates(s)
+    try:
+        return run(s, burst=args.burst)
+    except SettingsError as exc:  # found at start-up, e.g. the metrics port in use
+        raise CommandError(str(exc), 2) from None
 
 
 async def _push(args: argparse.Namespace) -> str:
-    s = _settings()
+    loaded = _load(args)
+    s = loaded.settings
+    _warn("push", loaded.unknown)
     if args.raw is not None:
         text = sys.stdin.read() if args.raw == "-" else args.raw
         try:
@@ -170,11 +317,19 @@ async def _push(args: argparse.Namespace) -> str:
                 raise CommandError(f"--data {item!r}: use KEY=VALUE", 2)
             data[key] = _coerce(value)
         fields = {
-            "subject": args.subject, "body": body, "data": data or None,
-            "strategy": args.strategy, "kind": args.kind, "severity": args.severity,
-            "to": args.to, "id": args.id, "ts": time.time(), "dedup_key": args.dedup_key,
-            "dedup_window_s": args.dedup_window_s, "expires_s": args.expires_s,
-        }  # fmt: skip
+            "subject": args.subject,
+            "body": body,
+            "data": data or None,
+            "strategy": args.strategy,
+            "kind": args.kind,
+            "severity": args.severity,
+            "to": args.to,
+            "id": args.id,
+            "ts": time.time(),
+            "dedup_key": args.dedup_key,
+            "dedup_window_s": args.dedup_window_s,
+            "expires_s": args.expires_s,
+        }
         try:
             event = event_from_dict({k: v for k, v in fields.items() if v is not None})
         except InvalidEvent as exc:
@@ -193,24 +348,37 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check() -> int:
-    s = _settings()
-    ok = True
-    print(f"settings   ok: SMTP {s.smtp_host}:{s.smtp_port} ({s.smtp_tls}), "
-          f"from {s.mail_from}, to {','.join(s.mail_to) or '-'}, {s.concurrency} lane(s)")  # fmt: skip
+async def _check(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    s = loaded.settings
+    _check_templates(s)
+    problems = list(loaded.unknown)
     try:
         s.require_mail()
     except SettingsError as exc:
-        print(f"settings   FAIL: {exc}")
-        ok = False
+        problems.append(loaded.hint(str(exc)))
+    print(f"env file   {loaded.env_file or 'none: the environment only'}")
+    for problem in problems:
+        print(f"settings   FAIL: {problem}")
+    if not problems:
+        print(
+            f"settings   ok: SMTP {s.smtp_host}:{s.smtp_port} ({s.smtp_tls}), from {s.mail_from}, "
+            f"to {','.join(s.mail_to) or '-'}, {s.concurrency} lane(s)"
+        )
+    for warning in s.sender_warnings():
+        print(f"settings   WARNING: {warning}")
+    ok = not problems
     q = _queue(s)
     try:
         t0 = time.perf_counter()
         await q.redis.ping()
         rtt = (time.perf_counter() - t0) * 1000
         d = await q.depths()
-        print(f"redis      ok: {s.redis_url_display} ({rtt:.1f} ms); queue {d.queue}, retry {d.retry}, "
-              f"dead {d.dead}, processing {d.processing}")  # fmt: skip
+        print(
+            f"redis      ok: queue {q.keys.queue} on {s.redis_url_display} ({rtt:.1f} ms): "
+            f"{d.queue} waiting, retry {d.retry}, dead {d.dead}, processing {d.processing}, "
+            f"held {d.held}"
+        )
         for warning in await _redis_durability(q):
             print(f"redis      WARNING: {warning}")
         paused = await q.redis.get(q.keys.paused)
@@ -218,14 +386,16 @@ async def _check() -> int:
             info = json.loads(paused)
             print(f"worker     PAUSED ({info.get('worker')}): {info.get('reason')}")
     except (RedisError, OSError) as exc:
-        print(f"redis      FAIL: {_redis_error(s, exc)}")
+        if isinstance(exc, BrokenPipeError):
+            raise
+        print(f"redis      FAIL: {explain_redis_error(exc, s.redis_url)}")
         ok = False
     finally:
         await q.redis.aclose()
     if s.routes is not None:
         r = s.routes
-        print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}"
-              + (f", default to {','.join(r.default.to)}" if r.default else ""))  # fmt: skip
+        default = f", default to {','.join(r.default.to)}" if r.default else ""
+        print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}{default}")
     accounts = s.accounts()
     for i, acc in enumerate(accounts):
         label = f"smtp {acc.smtp_account_name}" if len(accounts) > 1 else "smtp"
@@ -235,11 +405,16 @@ async def _check() -> int:
         conn = Connection(acc, tls_context(acc) if acc.smtp_tls != "none" else None)
         try:
             t = await conn.open()
-            login = (f", login {t.login * 1000:.0f} ms as {acc.smtp_username}"
-                     if acc.smtp_username else "")  # fmt: skip
+            login = (
+                f", login {t.login * 1000:.0f} ms as {acc.smtp_username}"
+                if acc.smtp_username
+                else ""
+            )
             rate = f", limit {acc.smtp_rate_per_minute}/min" if acc.smtp_rate_per_minute else ""
-            print(f"{label:<10} ok: {where}: connect {t.tcp * 1000:.0f} ms, "
-                  f"TLS {t.tls * 1000:.0f} ms{login}{rate}")  # fmt: skip
+            print(
+                f"{label:<10} ok: {where}: connect {t.tcp * 1000:.0f} ms, "
+                f"TLS {t.tls * 1000:.0f} ms{login}{rate}"
+            )
         except SendError as exc:
             print(f"{label:<10} FAIL ({exc.category}) {where}: {exc}")
             ok = False
@@ -264,11 +439,15 @@ async def _redis_durability(q: Queue) -> list[str]:
         for k, v in cfg.items()
     }
     if val.get("appendonly") != "yes" and not val.get("save"):
-        out.append("no persistence (appendonly no, no RDB save): a Redis restart loses every "
-                   "queued alert; see deploy/redis-notifier.conf")  # fmt: skip
+        out.append(
+            "no persistence (appendonly no, no RDB save): a Redis restart loses every "
+            "queued alert; see deploy/redis-notifier.conf"
+        )
     elif val.get("appendonly") != "yes":
-        out.append("RDB only: a crash loses alerts queued since the last snapshot; "
-                   "set appendonly yes (deploy/redis-notifier.conf)")  # fmt: skip
+        out.append(
+            "RDB only: a crash loses alerts queued since the last snapshot; "
+            "set appendonly yes (deploy/redis-notifier.conf)"
+        )
     policy = val.get("maxmemory-policy", "noeviction")
     if (policy != "noeviction" and val.get("maxmemory", "0") != "0") or policy.startswith(
         "allkeys"
@@ -278,22 +457,35 @@ async def _redis_durability(q: Queue) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    return asyncio.run(_check())
+    return asyncio.run(_check(args))
 
 
-async def _send_test(to: str) -> int:
+async def _send_test(args: argparse.Namespace) -> int:
     from .compose import Composer
 
-    s = _settings()
+    loaded = _load(args)
+    s = loaded.settings
+    to = args.to
+    # a misspelt variable first: it is why the login below would fail
+    for line in (*loaded.unknown, *s.sender_warnings()):
+        print(f"send-test WARNING: {line}")
     if not s.mail_from:
         raise CommandError("NOTIFIER_MAIL_FROM: not set; use the account's address", 2)
+    if s.smtp_username and s.smtp_password is None:
+        loaded.require_mail()
+    _check_templates(s)
     composer = Composer(mail_from=s.mail_from, template_dir=s.template_dir)
-    event = Event.model_validate({
-        "id": f"send-test-{int(time.time())}", "ts": time.time(), "kind": "test",
-        "subject": "notifier send-test 测试邮件", "strategy": "notifier",
-        "body": "If you can read this, notifier can deliver your alerts.\n如果你能看到这封邮件，提醒通道已经打通。",
-        "data": {"smtp": f"{s.smtp_host}:{s.smtp_port}", "tls": s.smtp_tls},
-    })  # fmt: skip
+    event = Event.model_validate(
+        {
+            "id": f"send-test-{int(time.time())}",
+            "ts": time.time(),
+            "kind": "test",
+            "subject": "notifier send-test 测试邮件",
+            "strategy": "notifier",
+            "body": "If you can read this, notifier can deliver your alerts.\n如果你能看到这封邮件，提醒通道已经打通。",
+            "data": {"smtp": f"{s.smtp_host}:{s.smtp_port}", "tls": s.smtp_tls},
+        }
+    )
     data = message_bytes(composer.compose(event, event_id=event.id or "", recipients=[to]))
     conn = Connection(s, tls_context(s) if s.smtp_tls != "none" else None)
     try:
@@ -311,21 +503,21 @@ async def _send_test(to: str) -> int:
     print(f"  connect  {t.tcp * 1000:7.1f} ms")
     print(f"  TLS      {t.tls * 1000:7.1f} ms")
     print(f"  login    {t.login * 1000:7.1f} ms")
-    print(
-        f"  send     {(t2 - t1) * 1000:7.1f} ms  ({timing.mode}, {timing.round_trips} round trips)"
-    )
+    send = f"{(t2 - t1) * 1000:7.1f} ms  ({timing.mode}, {timing.round_trips} round trips)"
+    print(f"  send     {send}")
     print(f"  total    {(t2 - t0) * 1000:7.1f} ms (a warm worker pays only 'send')")
     return 0
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
-    return asyncio.run(_send_test(args.to))
+    return asyncio.run(_send_test(args))
 
 
+# ------------------------------------------------------------------------ stats
 async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, Any]:
-    since = time.time() - window_s
+    now = time.time()
     d = await q.depths()
-    recs = await q.recent(since)
+    recs = await q.recent(now - window_s)
     sent = [r for r in recs if r.get("o") == "sent"]
     digests = [r for r in recs if r.get("o") == "digest"]
     # every event of a digest counts as delivered, with its own latency
@@ -344,6 +536,7 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
         return None if math.isnan(x) else round(x, 4)
 
     return {
+        "at": round(now, 3),
         "window_s": window_s,
         "depths": {
             "queue": d.queue,
@@ -365,9 +558,59 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
         "smtp_p95_s": clean(smtp.p95),
         "workers": {w: (info is not None) for w, info in workers.items()},
         "accounts": _accounts_view(workers),
+        "held": await _held_view(q, now),
         "paused": json.loads(paused) if paused else None,
         "lifetime": await q.counters(),
     }
+
+
+HELD_SAMPLE = 50  # events read from the front of each held list to find the oldest
+
+
+async def _held_view(q: Queue, now: float) -> list[dict[str, Any]]:
+    """Events held for a digest, per SMTP account (a group is ``<account>.<recipients hash>``):
+    how many, the oldest one's age, and when the next digest may go. Read-only."""
+    scored = cast(
+        list[tuple[bytes, float]], await q.redis.zrange(q.keys.digests, 0, -1, withscores=True)
+    )
+    groups = [(group.decode(), float(due)) for group, due in scored]
+    if not groups:
+        return []
+    pipe = q.redis.pipeline(transaction=False)
+    for name, _due in groups:
+        pipe.llen(q.keys.held(name))
+        pipe.lrange(q.keys.held(name), 0, HELD_SAMPLE - 1)
+    res = await pipe.execute()
+    by_account: dict[str, dict[str, Any]] = {}
+    for i, (name, due) in enumerate(groups):
+        count, sample = int(res[2 * i]), res[2 * i + 1]
+        if not count:
+            continue
+        account = name.rsplit(".", 1)[0]
+        view = by_account.setdefault(
+            account,
+            {"account": account, "groups": 0, "events": 0, "oldest_age_s": None, "due_in_s": None},
+        )
+        view["groups"] += 1
+        view["events"] += count
+        born = [t for t in map(_produced_at, sample) if t is not None]
+        if born:
+            age = round(now - min(born), 1)
+            view["oldest_age_s"] = max(age, view["oldest_age_s"] or 0.0)
+        due_in = round(max(0.0, due - now), 1)
+        view["due_in_s"] = due_in if view["due_in_s"] is None else min(view["due_in_s"], due_in)
+    return list(by_account.values())
+
+
+def _produced_at(raw: bytes) -> float | None:
+    """When the event was produced (``ts``), else first seen by a worker; None if unknown."""
+    try:
+        event = parse_event(raw)
+    except InvalidEvent:
+        return None
+    if event.ts is not None:
+        return float(event.ts)
+    return event.meta.first_seen if event.meta is not None else None
 
 
 def _accounts_view(workers: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
@@ -384,17 +627,43 @@ def _accounts_view(workers: dict[str, dict[str, Any] | None]) -> dict[str, dict[
     return out
 
 
-def _print_stats(st: dict[str, Any]) -> None:
+def _age(seconds: float) -> str:
+    """2m10s, 1h05m, 45s: an age a person reads at a glance."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """{'invalid': 2, 'recipient': 1} -> 'invalid 2, recipient 1' (largest first)."""
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{name or 'unknown'} {n}" for name, n in ordered)
+
+
+def _print_stats(st: dict[str, Any], *, watch: float | None = None) -> None:
     d, lat = st["depths"], st["latency"]
+    if watch:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["at"]))
+        print(f"notifier stats at {when} (every {watch:g} s; Ctrl-C to stop)")
     extra = "".join(f", {k} {st[k]}" for k in ("digests", "suppressed") if st.get(k))
-    print(f"last {st['window_s'] / 60:g} min: delivered {st['delivered']}{extra}, retried {st['retried']}, "
-          f"dead {st['dead']}" + (f" {st['dead_reasons']}" if st["dead_reasons"] else ""))  # fmt: skip
-    print(f"depths: queue {d['queue']}, retry {d['retry']}, dead {d['dead']}, "
-          f"processing {d['processing']}, held for digests {d.get('held', 0)}")  # fmt: skip
+    reasons = f" ({_counts(st['dead_reasons'])})" if st["dead_reasons"] else ""
+    print(
+        f"last {st['window_s'] / 60:g} min: delivered {st['delivered']}{extra}, "
+        f"retried {st['retried']}, dead {st['dead']}{reasons}"
+    )
+    print(
+        f"depths: queue {d['queue']}, retry {d['retry']}, dead {d['dead']}, "
+        f"processing {d['processing']}, held for digests {d.get('held', 0)}"
+    )
     if lat["count"]:
-        print(f"latency: p50 {lat['p50_s'] * 1000:.1f} ms, p95 {lat['p95_s'] * 1000:.1f} ms, "
-              f"p99 {lat['p99_s'] * 1000:.1f} ms, max {lat['max_s'] * 1000:.1f} ms; "
-              f"{lat['within_target'] * 100:.2f}% within {lat['target_s']:g} s")  # fmt: skip
+        print(
+            f"latency: p50 {lat['p50_s'] * 1000:.1f} ms, p95 {lat['p95_s'] * 1000:.1f} ms, "
+            f"p99 {lat['p99_s'] * 1000:.1f} ms, max {lat['max_s'] * 1000:.1f} ms; "
+            f"{lat['within_target'] * 100:.2f}% within {lat['target_s']:g} s"
+        )
     else:
         print("latency: no deliveries in the window")
     alive = [w for w, up in st["workers"].items() if up]
@@ -402,12 +671,24 @@ def _print_stats(st: dict[str, Any]) -> None:
     for name, acc in st["accounts"].items():
         extra = f": {acc['reason']}" if acc.get("reason") else ""
         print(f"account {name}: {acc['state']}{extra}")
+    for held in st.get("held", []):
+        oldest = held["oldest_age_s"]
+        age = f"oldest {_age(oldest)}" if oldest is not None else "age unknown"
+        due = held["due_in_s"]
+        when = f"sent in {due:.0f} s" if due else "sent as soon as a worker takes it"
+        print(
+            f"held for a digest: account {held['account']}: {held['events']} event(s), "
+            f"{age}, {when}"
+        )
     if st["paused"]:
         print(f"PAUSED by {st['paused'].get('worker')}: {st['paused'].get('reason')}")
 
 
 async def _stats(args: argparse.Namespace) -> int:
-    s = _settings()
+    loaded = _load(args)
+    s = loaded.settings
+    _warn("stats", loaded.unknown)
+    clear = bool(args.watch) and not args.json and sys.stdout.isatty()
     q = _queue(s)
     try:
         while True:
@@ -415,12 +696,12 @@ async def _stats(args: argparse.Namespace) -> int:
                 st = await stats_snapshot(q, args.window, s.latency_target_s)
             except (RedisError, OSError) as exc:
                 raise _redis_error(s, exc) from None
-            if args.watch:
+            if clear:
                 print("\033[2J\033[H", end="")
             if args.json:
                 print(json.dumps(st, ensure_ascii=False))
             else:
-                _print_stats(st)
+                _print_stats(st, watch=args.watch)
             sys.stdout.flush()  # --watch into a pipe: each snapshot when it is made
             if not args.watch:
                 break
@@ -429,8 +710,10 @@ async def _stats(args: argparse.Namespace) -> int:
         await q.redis.aclose()
     share = st["latency"]["within_target"]
     if args.slo is not None and share is not None and share < args.slo:
-        print(f"SLO breached: {share * 100:.2f}% within target < {args.slo * 100:.2f}%",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"SLO breached: {share * 100:.2f}% within target < {args.slo * 100:.2f}%",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -439,60 +722,103 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return asyncio.run(_stats(args))
 
 
+# ------------------------------------------------------------------------ dead letters
+def handle_of(raw: bytes) -> str:
+    """A dead letter's handle: 8 hex digits of its SHA-256, so `dead replay --id` can name
+    a letter that has no event id (a stored letter never changes, so neither does this)."""
+    return hashlib.sha256(raw).hexdigest()[:8]
+
+
 async def _dead(args: argparse.Namespace) -> int:
-    s = _settings()
+    loaded = _load(args)
+    s = loaded.settings
+    _warn("dead", loaded.unknown)
     q = _queue(s)
     try:
         if args.dead_command == "list":
-            letters = await q.dead_letters(args.limit)
-            for _raw, letter in letters:
-                if args.json:
-                    print(json.dumps(letter, ensure_ascii=False))
-                    continue
-                when = time.strftime(
-                    "%Y-%m-%d %H:%M:%S", time.localtime(letter.get("failed_at", 0))
-                )
-                print(f"{when}  {letter.get('id') or '<no id>'}  [{letter.get('reason')}] "
-                      f"{letter.get('error')}")  # fmt: skip
-                print(f"    {letter.get('event', '')[:200]}")
-            if not args.json:
-                print(f"{len(letters)} shown, {(await q.depths()).dead} in total")
-            return 0
+            return await _dead_list(q, args.limit, as_json=args.json)
         if args.dead_command == "purge":
             print(f"purged {await q.purge_dead()} dead letter(s)")
             return 0
-        replayed = 0
-        for raw, letter in await q.dead_letters(0):
-            if args.id and letter.get("id") != args.id:
-                continue
-            text = _replay_text(letter)
-            if text is None:
-                print(f"skipped {letter.get('id') or '<no id>'}: the event text is not JSON "
-                      "(fix it and push it with `notifier push --json`)")  # fmt: skip
-                continue
-            if await q.replay(raw, text):
-                replayed += 1
-        if args.id and not replayed:
-            raise CommandError(f"no dead letter with id {args.id}")
-        print(f"replayed {replayed} event(s)")
-        return 0
+        return await _dead_replay(q, args.id)
+    except BrokenPipeError:
+        raise
     except (RedisError, OSError) as exc:
         raise _redis_error(s, exc) from None
     finally:
         await q.redis.aclose()
 
 
-def _replay_text(letter: dict[str, Any]) -> str | None:
-    """The event as it goes back on the queue: attempts reset, marked as replayed."""
+async def _dead_list(q: Queue, limit: int, *, as_json: bool) -> int:
+    letters = await q.dead_letters(limit)
+    for raw, letter in letters:
+        if as_json:
+            print(json.dumps({"handle": handle_of(raw), **letter}, ensure_ascii=False))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.get("failed_at", 0)))
+        print(
+            f"{when}  {handle_of(raw)}  {letter.get('id') or '<no id>'}  "
+            f"[{letter.get('reason')}] {letter.get('error')}"
+        )
+        print(f"    {str(letter.get('event', ''))[:200]}")
+    if not as_json:
+        print(f"{len(letters)} shown, {(await q.depths()).dead} in total")
+    return 0
+
+
+async def _dead_replay(q: Queue, wanted: str | None) -> int:
+    """Queue dead letters again; one whose event is still invalid (the worker would bury it
+    at once) stays dead and is reported instead."""
+    replayed, invalid = 0, []
+    for raw, letter in await q.dead_letters(0):
+        handle = handle_of(raw)
+        if wanted is not None and wanted not in (letter.get("id"), handle):
+            continue
+        text, why = _replay_text(letter)
+        if text is None:
+            invalid.append((handle, why))
+            print(f"kept {handle} ({letter.get('id') or 'no id'}): still invalid ({why})")
+            continue
+        if await q.replay(raw, text):
+            replayed += 1
+    if wanted is not None and not replayed:
+        if invalid:
+            raise CommandError(
+                f"dead letter {wanted} is still invalid ({invalid[0][1]}); kept: fix it and "
+                "queue it with `notifier push --json`"
+            )
+        raise CommandError(f"no dead letter with id or handle {wanted} (see `notifier dead list`)")
+    kept = (
+        f"; {len(invalid)} still invalid, kept as dead letters (see `notifier dead list`)"
+        if invalid
+        else ""
+    )
+    print(f"replayed {replayed} event(s){kept}")
+    return 0
+
+
+def _replay_text(letter: dict[str, Any]) -> tuple[str | None, str]:
+    """The event as it goes back on the queue (attempts reset, marked as replayed), or None
+    and why it is still invalid (checked with the worker's own parser)."""
+    original = str(letter.get("event", ""))
     try:
-        obj = json.loads(letter.get("event", ""))
+        obj = json.loads(original)
     except ValueError:
-        return None
+        obj = None
     if not isinstance(obj, dict):
-        return None
+        try:
+            parse_event(original)
+        except InvalidEvent as exc:
+            return None, exc.reason
+        return None, "not a JSON object"
     obj.pop("_meta", None)
     obj["_meta"] = {"replayed": True}
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        parse_event(text)
+    except InvalidEvent as exc:
+        return None, exc.reason
+    return text, ""
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
@@ -514,22 +840,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench
 
-    return int(bench(quick=args.quick, rtt_ms=args.rtt_ms, as_json=args.json,
-                     scenarios=args.scenario))  # fmt: skip
+    return int(
+        bench(quick=args.quick, rtt_ms=args.rtt_ms, as_json=args.json, scenarios=args.scenario)
+    )
 
 
 COMMANDS = {
-    "run": cmd_run, "push": cmd_push, "check": cmd_check, "send-test": cmd_send_test,
-    "stats": cmd_stats, "dead": cmd_dead, "demo": cmd_demo, "bench": cmd_bench,
-}  # fmt: skip
+    "run": cmd_run,
+    "push": cmd_push,
+    "check": cmd_check,
+    "send-test": cmd_send_test,
+    "stats": cmd_stats,
+    "dead": cmd_dead,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
+
+
+def _stdout_gone() -> None:
+    """The reader of our stdout went away (``| head -1``): point stdout at /dev/null so the
+    interpreter's last flush does not complain, and end quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (tests capture stdout)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except CommandError as exc:
         print(f"notifier {args.command}: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        _stdout_gone()
+        return 0
     except KeyboardInterrupt:
         return 130

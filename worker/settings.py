@@ -555,6 +555,9 @@ def read_toml(path: Path, setting: str) -> dict[str, Any]:
         msg = str(exc)
         m = _TOML_WHERE.search(msg)
         where = m.group(1) if m else "somewhere"
+        if where == "end of document":
+            line, last = text.count("\n") + 1, text.rsplit("\n", 1)[-1]
+            where = f"line {line}, column {len(last) + 1} (the end of the file)"
         what = msg[: m.start()] if m else msg
         raise ValueError(
             f"{setting}={path}: not valid TOML at {where}: {what[:1].lower()}{what[1:]}"
