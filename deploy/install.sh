@@ -239,7 +239,7 @@ notifier installed$([ "$dry_run" -eq 0 ] || echo " (dry run: nothing was changed
      the 16-character authorization code, not the web login password)
   3. check settings, Redis and the SMTP login with the service's own environment:
        systemd-run --wait --pipe -p DynamicUser=yes -p EnvironmentFile=$etc/notifier.env \\
-         -p Environment=NOTIFIER_ENV_FILE=none \\
+         -p Environment=NOTIFIER_ENV_FILE=/dev/null \\
          -p LoadCredential=smtp_password:$etc/smtp_password $venv/bin/notifier check
   4. systemctl enable --now notifier   (several workers: notifier@1 notifier@2 ...; instance N
      serves /metrics on NOTIFIER_METRICS_PORT plus N)

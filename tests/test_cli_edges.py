@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support.helpers import REPO_ROOT, clean_env, queued
 from worker import settings as settings_module
@@ -557,3 +558,39 @@ def test_check_never_says_ok_and_fail_for_settings(notifier, redis_url, smtp_fac
     settings_lines = [x for x in res.out.splitlines() if x.startswith("settings ")]
     assert settings_lines[0].startswith("settings   FAIL: NOTIFIER_MAIL_TO: not set")
     assert not any(" ok: " in x for x in settings_lines), res
+
+
+# -- Redis problems are named for what they are -------------------------------------------------------
+
+
+def test_redis_problems_are_named_not_unreachable(notifier, redis_factory):
+    full, locked = redis_factory(), redis_factory()
+    with redis.Redis.from_url(full.url) as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+    with redis.Redis.from_url(locked.url) as admin:
+        admin.config_set("requirepass", "sekrit")
+    for args in (["push", "s"], ["dead", "purge", "--yes"]):
+        res = notifier(*args, env={"NOTIFIER_REDIS_URL": full.url})
+        assert res.code == 1, res
+        assert res.err_lines == [
+            f"notifier {args[0]}: Redis at {full.url} is full (OOM: "
+            "maxmemory reached, policy noeviction): raise maxmemory or "
+            "drain the queue (notifier stats / dead purge)"
+        ], res
+    for args in (["push", "s"], ["stats"], ["dead", "list"]):
+        res = notifier(*args, env={"NOTIFIER_REDIS_URL": locked.url})
+        assert res.code == 1, res
+        assert len(res.err_lines) == 1 and "refused the password" in res.err, res
+        assert "unreachable" not in res.err
+    res = notifier("check", env={"NOTIFIER_REDIS_URL": locked.url})
+    assert f"redis      FAIL: Redis at {locked.url} refused the password" in res.out, res
+
+
+def test_push_with_the_units_environment(notifier, redis_url, r):
+    """NOTIFIER_ENV_FILE=/dev/null (what the units set) is understood by the producer too."""
+    res = notifier(
+        "push", "s", env={"NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_ENV_FILE": "/dev/null"}
+    )
+    assert res.code == 0, res
+    assert [e.subject for e in queued(r)] == ["s"]

@@ -318,14 +318,14 @@ def test_units_read_no_env_file_and_instances_get_their_own_metrics_port():
     service = (DEPLOY / "notifier.service").read_text()
     template = (DEPLOY / "notifier@.service").read_text()
     for unit in (service, template):
-        assert re.search(r"^Environment=NOTIFIER_ENV_FILE=none$", unit, re.M)
+        assert re.search(r"^Environment=NOTIFIER_ENV_FILE=/dev/null$", unit, re.M)
     assert re.search(r"^Environment=NOTIFIER_METRICS_PORT_OFFSET=%i$", template, re.M)
     assert "NOTIFIER_METRICS_PORT_OFFSET=" not in service
 
 
 def test_printed_check_command_uses_the_service_environment_only(tmp_path):
     out = install_root(tmp_path / "root").stdout
-    assert "-p Environment=NOTIFIER_ENV_FILE=none" in out
+    assert "-p Environment=NOTIFIER_ENV_FILE=/dev/null" in out
 
 
 def test_env_example_names_every_setting_and_nothing_else():

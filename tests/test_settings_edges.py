@@ -55,7 +55,7 @@ def test_env_file_order(tmp_path, monkeypatch):
     given.write_text("NOTIFIER_CONCURRENCY=7\n")
     assert find_env_file(given) == given  # --env-file before everything
     assert load_settings(env_file=given).concurrency == 7
-    monkeypatch.setenv("NOTIFIER_ENV_FILE", "none")
+    monkeypatch.setenv("NOTIFIER_ENV_FILE", "/dev/null")  # what the systemd units set
     assert find_env_file() is None
     assert load_settings().concurrency == 4
 
@@ -83,7 +83,7 @@ def test_an_unreadable_installer_file_says_how_to_get_past_it(tmp_path):
         find_env_file()
     text = one_line(info)
     assert text.startswith(f"{system}: cannot read it")
-    assert "sudo" in text and "--env-file" in text and "NOTIFIER_ENV_FILE=none" in text
+    assert "sudo" in text and "--env-file" in text and "NOTIFIER_ENV_FILE=/dev/null" in text
 
 
 # -- unknown NOTIFIER_* variables ---------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_an_unreadable_installer_file_says_how_to_get_past_it(tmp_path):
 def test_unknown_variable_in_the_environment_names_the_closest_setting(monkeypatch):
     monkeypatch.setenv("NOTIFIER_SMTP_PASWORD", SECRET)
     monkeypatch.setenv("NOTIFIER_MAIL_TOO", "a@example.com")
-    monkeypatch.setenv("NOTIFIER_ENV_FILE", "none")  # not a setting, but ours: allowed
+    monkeypatch.setenv("NOTIFIER_ENV_FILE", "/dev/null")  # not a setting, but ours: allowed
     monkeypatch.setenv("NOTIFIER_PRODUCER_TIMEOUT_S", "1")  # reserved for the producer
     monkeypatch.setenv("NOTIFIER_SMTP_HOST", "x")  # a setting
     found = unknown_variables(None)

@@ -68,7 +68,7 @@ def _duration(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     env_help = (
         "settings file (default: NOTIFIER_ENV_FILE, else ./.env, else "
-        "/etc/notifier/notifier.env if it exists; 'none': the environment only)"
+        "/etc/notifier/notifier.env if it exists; /dev/null: the environment only)"
     )
     p = argparse.ArgumentParser(
         prog="notifier",
@@ -334,7 +334,9 @@ async def _push(args: argparse.Namespace) -> str:
             event = event_from_dict({k: v for k, v in fields.items() if v is not None})
         except InvalidEvent as exc:
             raise CommandError(f"invalid event: {exc.reason}", 2) from None
-    async with AsyncNotifier(s.redis_url, key_prefix=s.key_prefix, timeout=2.0) as n:
+    # the settings are resolved: the producer reads no env file of its own
+    notifier = AsyncNotifier(s.redis_url, key_prefix=s.key_prefix, timeout=2.0, env_file=os.devnull)
+    async with notifier as n:
         try:
             return await n.send_event(event)
         except InvalidEvent as exc:  # e.g. over 64 KiB once encoded

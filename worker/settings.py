@@ -5,9 +5,9 @@ Names are the field names upper-cased with the prefix ``NOTIFIER_`` (``NOTIFIER_
 The password comes from ``SMTP_PASSWORD``, ``SMTP_PASSWORD_FILE`` or systemd's
 ``$CREDENTIALS_DIRECTORY/smtp_password`` (``LoadCredential=``), in that order of preference.
 
-The env file (:func:`find_env_file`): ``--env-file PATH``, else ``NOTIFIER_ENV_FILE`` (``none``:
-the environment only), else ``./.env``, else the installer's ``/etc/notifier/notifier.env``
-when it exists. Variables in the environment win over the file. A ``NOTIFIER_*`` name that is
+The env file (:func:`find_env_file`): ``--env-file PATH``, else ``NOTIFIER_ENV_FILE``
+(``/dev/null``: the environment only), else ``./.env``, else the installer's
+``/etc/notifier/notifier.env`` when it exists. Variables in the environment win over the file. A ``NOTIFIER_*`` name that is
 not a setting is reported with the closest one (:func:`unknown_variables`).
 """
 
@@ -568,15 +568,14 @@ def read_toml(path: Path, setting: str) -> dict[str, Any]:
 def find_env_file(explicit: str | Path | None = None) -> Path | None:
     """The env file to read: ``explicit`` (``--env-file``), else ``NOTIFIER_ENV_FILE``, else
     ``./.env``, else :data:`SYSTEM_ENV_FILE` if it exists; None for the environment only
-    (also for ``none``). SettingsError when a named file (or the installer's) cannot be read."""
+    (also for ``/dev/null``, which the systemd units name: systemd has read the file already).
+    SettingsError when a named file (or the installer's) cannot be read."""
     for value, name in ((explicit, "--env-file "), (os.environ.get(ENV_FILE_VARIABLE), None)):
         if value is None or value == "":
             continue
-        if str(value).strip().lower() == "none":
-            return None
         path = Path(value).expanduser()
         _readable(path, f"{name}{path}" if name else f"{ENV_FILE_VARIABLE}={path}")
-        return path
+        return None if str(path) == os.devnull else path
     if Path(".env").is_file():
         return Path(".env").absolute()
     try:
@@ -598,7 +597,7 @@ def _readable(path: Path, label: str, *, system: bool = False) -> None:
     except OSError as exc:
         fix = (
             "run as root (sudo), give another file with --env-file PATH, or set "
-            "NOTIFIER_ENV_FILE=none to use the environment only"
+            "NOTIFIER_ENV_FILE=/dev/null to use the environment only"
             if system
             else "make it readable by this user or run as root (sudo)"
         )
