@@ -192,6 +192,22 @@ def test_template_dir_that_is_not_a_directory(tmp_path, kind):
     assert ("no such directory" if kind == "missing" else "not a directory") in text
 
 
+def test_template_dir_the_user_cannot_read(tmp_path, monkeypatch):
+    """The tests run as root, who reads anything: the refusal is simulated at os.listdir."""
+    path = tmp_path / "templates"
+    path.mkdir()
+
+    def refuse(where):
+        raise PermissionError(13, "Permission denied", str(where))
+
+    monkeypatch.setattr(settings_module.os, "listdir", refuse)
+    with pytest.raises(SettingsError) as info:
+        load_settings(template_dir=path)
+    text = one_line(info)
+    assert text.startswith(f"NOTIFIER_TEMPLATE_DIR: {path}: cannot read it (Permission denied)")
+    assert "dynamic user" in text
+
+
 @pytest.mark.parametrize("setting", ["routes_file", "accounts_file"])
 def test_toml_syntax_error_gives_line_and_column(tmp_path, setting):
     path = tmp_path / "x.toml"

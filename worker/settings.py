@@ -7,8 +7,9 @@ The password comes from ``SMTP_PASSWORD``, ``SMTP_PASSWORD_FILE`` or systemd's
 
 The env file (:func:`find_env_file`): ``--env-file PATH``, else ``NOTIFIER_ENV_FILE``
 (``/dev/null``: the environment only), else ``./.env``, else the installer's
-``/etc/notifier/notifier.env`` when it exists. Variables in the environment win over the file. A ``NOTIFIER_*`` name that is
-not a setting is reported with the closest one (:func:`unknown_variables`).
+``/etc/notifier/notifier.env`` when it exists. Variables in the environment win over the
+file. A ``NOTIFIER_*`` name that is not a setting is reported with the closest one
+(:func:`unknown_variables`).
 """
 
 from __future__ import annotations
