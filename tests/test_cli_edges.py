@@ -393,6 +393,19 @@ def test_check_names_the_queue(notifier, redis_url, smtp_factory, worker_env):
     assert f"queue desk:queue on {redis_url}" in res.out
 
 
+def test_check_names_events_waiting_under_another_prefix(
+    notifier, redis_url, smtp_factory, worker_env
+):
+    smtp = smtp_factory(auth={USER: PASSWORD})
+    r = redis.Redis.from_url(redis_url)
+    r.lpush("notifier:queue", json.dumps({"subject": "pushed by a producer with the default"}))
+    r.close()
+    res = notifier("check", env=worker_env(redis_url, smtp, key_prefix="desk"))
+    (line,) = [x for x in res.out.splitlines() if "notifier:queue" in x]
+    assert line.startswith("redis      WARNING: 1 event(s) wait in notifier:queue"), line
+    assert "NOTIFIER_KEY_PREFIX=notifier" in line
+
+
 # -- 6. the sender address -----------------------------------------------------------------------
 
 

@@ -383,6 +383,12 @@ async def _check(args: argparse.Namespace) -> int:
         )
         for warning in await _redis_durability(q):
             print(f"redis      WARNING: {warning}")
+        for key, n in (await q.foreign_queues()).items():
+            print(
+                f"redis      WARNING: {n} event(s) wait in {key}, which no worker of prefix "
+                f"{s.key_prefix!r} reads: set NOTIFIER_KEY_PREFIX={key.rsplit(':', 1)[0]} on "
+                "the producer or the worker"
+            )
         paused = await q.redis.get(q.keys.paused)
         if paused:
             info = json.loads(paused)
