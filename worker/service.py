@@ -127,6 +127,7 @@ class Worker:
         # longer its own.
         self._epoch = 0
         self._registered = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._foreign_checked = -1e9
 
     @property
@@ -183,6 +184,8 @@ class Worker:
         await self._redis(self.redis.ping, "connect")
         await self._redis(lambda: self.queue.heartbeat(self._info()), "register")
         self._registered = True
+        # renewed from now on, also while the first SMTP login waits (up to READY_WAIT_S)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         moved = await self._redis(lambda: self.queue.recover(including_self=True), "recover")
         for wid, n in moved.items():
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
@@ -241,11 +244,12 @@ class Worker:
             asyncio.create_task(self._lane(i), name=f"lane-{i}")
             for i in range(self.settings.concurrency)
         ]
+        assert self._heartbeat_task is not None  # started with the registration
         helpers = [
             asyncio.create_task(self._scheduler_loop(), name="scheduler"),
             asyncio.create_task(self._digest_loop(), name="digests"),
             asyncio.create_task(self._keeper_loop(), name="keeper"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            self._heartbeat_task,
             asyncio.create_task(self.systemd.run_watchdog(self.monitor, status=self._status)),
         ]
         fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
@@ -273,6 +277,8 @@ class Worker:
             await _cancel(*helpers, stop_wait)
 
     async def _shutdown(self) -> None:
+        if self._heartbeat_task is not None:  # (a stop during start-up: still running)
+            await _cancel(self._heartbeat_task)
         try:
             if self._registered:  # (a stop during start-up before Redis answered: nothing)
                 n = await asyncio.wait_for(self.queue.requeue_all(), timeout=5)
