@@ -46,8 +46,8 @@ SETTLE_LIMIT_S = 30.0
 class Producer(threading.Thread):
     """Pushes an event every 20 ms and remembers which pushes Redis acknowledged."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(name="producer", daemon=True)
+    def __init__(self, url: str, name: str) -> None:
+        super().__init__(name=name, daemon=True)
         self.client = rclient(url)
         self.acked: list[str] = []
         self.refused = 0
@@ -56,7 +56,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         n = 0
         while not self.halt.is_set():
-            event_id = f"full-{n:05d}"
+            event_id = f"{self.name}-{n:05d}"
             n += 1
             try:
                 self.client.lpush(f"{PREFIX}:queue", json.dumps(event(event_id)))
@@ -91,12 +91,14 @@ def test_two_workers_survive_a_full_redis_without_duplicates_losses_or_stuck_cla
         concurrency=4,
     )
     workers = [worker_proc(env), worker_proc(env)]
-    producer = Producer(server.url)
-    producer.start()
+    producers = [Producer(server.url, "full-a"), Producer(server.url, "full-b")]
+    for producer in producers:
+        producer.start()
+    halt = producers[0].halt
     time.sleep(1.5)
 
     def permanent_refusals() -> None:  # a 550 now and then: those events are dead letters
-        while not producer.halt.is_set():
+        while not halt.is_set():
             smtp_server.fail_next("DATA", 550, "5.7.1 message refused")
             time.sleep(0.7)
 
@@ -112,10 +114,12 @@ def test_two_workers_survive_a_full_redis_without_duplicates_losses_or_stuck_cla
         time.sleep(FLAP_S)
     set_full(admin, False)
     back = time.monotonic()
-    producer.halt.set()
-    producer.join()
+    for producer in producers:
+        producer.halt.set()
+        producer.join()
     refuser.join()
-    acked = set(producer.acked)
+    acked = {i for p in producers for i in p.acked}
+    refused = sum(p.refused for p in producers)
 
     def settled() -> bool:
         done = set(delivered(smtp_server)) | {d["id"] for d in dead_letters(admin)}
@@ -131,13 +135,13 @@ def test_two_workers_survive_a_full_redis_without_duplicates_losses_or_stuck_cla
     both = set(got) & set(dead)
     claims = list(admin.scan_iter(f"{PREFIX}:sending:*"))
     print(
-        f"\nRedis-full figures: pushed {len(acked)} acknowledged ({producer.refused} refused "
+        f"\nRedis-full figures: pushed {len(acked)} acknowledged ({refused} refused "
         f"with OOM), delivered {len(got)}, dead {sum(dead.values())}, duplicates {duplicates}, "
         f"delivered and dead {len(both)}, stuck claims {len(claims)}, settled {settle_s:.1f} s "
         f"after memory was back (SMTP: {smtp_server.transactions} transactions, "
         f"{smtp_server.failed} refused)"
     )
-    assert producer.refused > 0, "Redis never refused a push: the test did not fill it"
+    assert refused > 0, "Redis never refused a push: the test did not fill it"
     assert sum(dead.values()) > 0, "no 550 reached an event"
     assert set(got) | set(dead) == acked
     assert duplicates == 0

@@ -282,13 +282,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     s = loaded.settings
     setup_logging(s.log_level, s.log_format)
+    for line in loaded.unknown:
+        logger.warning("%s", line)
+    loaded.require_mail()  # (a missing setting is the one line a failed start prints)
     if loaded.env_file is not None:
         logger.info("settings from %s", loaded.env_file)
     else:
         logger.info("no env file; environment only")
-    for line in loaded.unknown:
-        logger.warning("%s", line)
-    loaded.require_mail()
     for line in s.sender_warnings():
         logger.warning("%s", line)
     _check_templates(s)
