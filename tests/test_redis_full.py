@@ -44,7 +44,7 @@ SETTLE_LIMIT_S = 30.0
 
 
 class Producer(threading.Thread):
-    """Pushes an event every 20 ms and remembers which pushes Redis acknowledged."""
+    """Pushes an event every 40 ms and remembers which pushes Redis acknowledged."""
 
     def __init__(self, url: str, name: str) -> None:
         super().__init__(name=name, daemon=True)
@@ -64,7 +64,7 @@ class Producer(threading.Thread):
                 self.refused += 1
             else:
                 self.acked.append(event_id)
-            time.sleep(0.02)
+            time.sleep(0.04)
         self.client.close()
 
 
