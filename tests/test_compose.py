@@ -266,3 +266,9 @@ def test_overridden_html_template_is_still_autoescaped(tmp_path: Path):
     _, msg = sent(event(body="<img src=x onerror=alert(1)>"), composer=composer)
     _, html = parts(msg)
     assert html.strip() == "<p>&lt;img src=x onerror=alert(1)&gt;</p>"
+
+
+def test_from_display_name_keeps_its_spaces():
+    composer = Composer(mail_from='"Quant  Desk" <alerts@example.com>')
+    _, msg = sent(event(subject="s"), composer=composer)
+    assert msg["From"].addresses[0].display_name == "Quant  Desk"

@@ -250,3 +250,14 @@ async def test_subjects_and_message_ids_end_to_end(make_rig, smtp_server, redis_
     await rig.deliver(rig.event("s0", subject="a new event, same id", ts=rig.now() + 86400))
     (again,) = smtp_server.wait_for(1, 5)
     assert parse(again.data)["Message-ID"] != by_id["s0"]["Message-ID"]
+
+
+@pytest.mark.parametrize("text", ["=?utf-8?q?x=20y?=", "a.=?x?b?eA==?="])
+def test_ids_that_look_like_encoded_words_are_hashed_in_message_ids(text: str) -> None:
+    """A dot-atom may hold ``=?...?=``, which email's msg-id parser decodes: such an id or
+    strategy is hashed in Message-ID and In-Reply-To, like any id that is not a dot-atom."""
+    parsed = parse(compose(event(id=text, subject="s", strategy=text), event_id=text).data)
+    for name in ("Message-ID", "In-Reply-To", "References"):
+        raw = next(v for k, v in parsed.raw_items() if k == name)
+        assert "=?" not in raw and str(parsed[name]) == raw.strip(), name
+    assert parsed["X-Notifier-Strategy"] == text

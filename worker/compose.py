@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
-from email.utils import formataddr, formatdate, parseaddr
+from email.utils import formatdate, parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +118,12 @@ def render_subject(event: Event) -> str:
     return subject
 
 
-def _id_part(event_id: str) -> str:
-    """The id itself when it is a dot-atom (valid left of the @), else a hash of it."""
-    if _ATEXT.fullmatch(event_id):
+def _id_part(event_id: str, size: int = 32) -> str:
+    """The id itself when it is a dot-atom (valid left of the @) that no reader could take
+    for an encoded word (``=?``), else ``size`` hex digits of its hash."""
+    if _ATEXT.fullmatch(event_id) and "=?" not in event_id:
         return event_id
-    return hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()[:size]
 
 
 def message_id(event_id: str, domain: str) -> str:
@@ -211,6 +212,7 @@ MAX_WORD = 75  # RFC 2047 2: an encoded word is at most 75 characters
 STRUCTURED = frozenset({"message-id", "in-reply-to", "references", "date"})
 _WORD_OVERHEAD = len("=?utf-8?b??=")
 _PLAIN_TEXT = re.compile(r"[!-~](?:[ -~]*[!-~])?")  # printable ASCII, no edge spaces
+_ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _TOKENS = re.compile(r" *[^ ]+")  # a word with the spaces before it: where a fold may go
 
 
@@ -302,7 +304,10 @@ def _address_header(name: str, display: str, address: str) -> str:
     if not display:
         return _structured_header(name, address)
     if _PLAIN_TEXT.fullmatch(display) and "=?" not in display:
-        phrase = formataddr((display, "x@x"))[: -len(" <x@x>")]
+        if _ATOMS.fullmatch(display):
+            phrase = display
+        else:  # a quoted-string keeps specials and runs of spaces as they are
+            phrase = '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
         folded = _fold(f"{name}:", [" " + phrase, f" <{address}>"], FOLD_AT)
         if folded is not None:
             return folded
@@ -522,8 +527,7 @@ class Composer:
         refers to the same (virtual) root message."""
         day = datetime.fromtimestamp(ts or time.time()).astimezone().strftime("%Y%m%d")
         who = strategy or "notifier"
-        key = who if _ATEXT.fullmatch(who) else hashlib.sha256(who.encode()).hexdigest()[:16]
-        root = f"<thread.{key}.{day}@{self.domain}>"
+        root = f"<thread.{_id_part(who, 16)}.{day}@{self.domain}>"
         return [("In-Reply-To", root), ("References", root)]
 
 
