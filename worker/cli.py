@@ -846,6 +846,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .demo import dev_tools_missing
+
+    # worker.bench is not in the wheel: say so before importing it
+    if problem := dev_tools_missing("bench"):
+        raise CommandError(problem, 2)
     from .bench import bench
 
     return int(

@@ -4,11 +4,16 @@ Starts a private ``redis-server`` on a free loopback port (never the one on 6379
 in-process SMTP server with AUTH and PIPELINING that keeps what it receives, and the real
 worker; pushes sample events the way strategies do (producer and a raw LPUSH), prints each
 delivered mail and a latency summary, and stops everything it started.
+
+The demo and the bench need the test servers of :mod:`worker.devtools` (and :mod:`worker.bench`),
+which live in the checkout only: the wheel carries the runtime. :func:`dev_tools_missing` says,
+in one line, what is missing where they cannot run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import shutil
@@ -25,7 +30,7 @@ from .metrics import summarize
 from .service import Outcome, Worker
 from .settings import Settings
 
-__all__ = ["demo"]
+__all__ = ["demo", "dev_tools_missing"]
 
 DEMO_CODE = "demo-auth-code16"
 
@@ -54,18 +59,42 @@ def _redis_binary() -> str | None:
     )
 
 
+# What each command imports from the dev extra (the in-process SMTP server, TLS certificates).
+DEV_PACKAGES = {"demo": ("aiosmtpd",), "bench": ("aiosmtpd", "trustme")}
+
+
+def dev_tools_missing(command: str) -> str | None:
+    """One line on why ``notifier COMMAND`` (demo, bench) cannot run here, or None.
+
+    Installed from the wheel, the test servers are not there at all: run it from a checkout.
+    In a checkout without the dev extra, one of its packages is missing: install the extra."""
+    if importlib.util.find_spec(f"{__package__}.devtools") is None:
+        return (
+            f"the test servers it runs on are not part of the installed package (it carries "
+            f"the runtime only); run it from a checkout of the source: `make {command}`"
+        )
+    for module in DEV_PACKAGES[command]:
+        if importlib.util.find_spec(module) is None:
+            return (
+                f"{module} is missing (the dev extra): pip install -e '.[dev]' in the checkout, "
+                f"or run `make {command}`, which installs it"
+            )
+    return None
+
+
 def demo(*, events: int = 20) -> int:
-    if _redis_binary() is None:
-        print("notifier demo: redis-server is missing; install it: sudo apt-get install "
-              "redis-server (or run `make demo`, which installs it)", file=sys.stderr)  # fmt: skip
-        return 1
-    try:
-        from .devtools.smtp_server import SMTPTestServer
-    except ImportError:
-        print("notifier demo: the SMTP sink needs aiosmtpd: pip install 'notifier[dev]' "
-              "(or run `make demo`)", file=sys.stderr)  # fmt: skip
-        return 1
+    """Run the demo; 0 when every event arrived in time, 1 when not, 2 when it cannot run."""
+    problem = dev_tools_missing("demo")
+    if problem is None and _redis_binary() is None:
+        problem = (
+            "redis-server is missing; install it: sudo apt-get install redis-server "
+            "(or run `make demo`, which installs it)"
+        )
+    if problem:
+        print(f"notifier demo: {problem}", file=sys.stderr)
+        return 2
     from .devtools.redis_server import RedisServer
+    from .devtools.smtp_server import SMTPTestServer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("worker.deliver").setLevel(logging.CRITICAL)  # the demo prints outcomes

@@ -10,10 +10,8 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass  # needs aiosmtpd (the dev extra)
 from .lab import (
     _proc_memory_mb,
 )

@@ -14,10 +14,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass  # needs aiosmtpd (the dev extra)
+from ..demo import dev_tools_missing
 from .lab import (
     SMTP_SINK,
     Lab,
@@ -80,11 +79,8 @@ def _missing() -> str | None:
         return "redis-server is missing: apt-get install redis-server (or run `make bench`)"
     if not os.access(SMTP_SINK, os.X_OK):
         return f"{SMTP_SINK} is missing: apt-get install postfix (or run `make bench`)"
-    try:
-        import aiosmtpd  # noqa: F401
-        import trustme  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is missing: pip install 'notifier[dev]' (or run `make bench`)"
+    if problem := dev_tools_missing("bench"):
+        return problem
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("nobody")
@@ -101,7 +97,8 @@ def bench(
     scenarios: Sequence[str] | None = None,
 ) -> int:
     """Run the scenarios (all by default) and print the report. 0 when it ran, whatever
-    the targets say; 1 when the bench could not run or a scenario broke; 2 on bad usage."""
+    the targets say; 1 when a scenario broke or the lab did not start; 2 on bad usage or when
+    something it needs is not installed."""
     names = list(scenarios) if scenarios is not None else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or rtt_ms < 0:
@@ -111,7 +108,7 @@ def bench(
     problem = _missing()
     if problem:
         print(f"notifier bench: {problem}", file=sys.stderr)
-        return 1
+        return 2
     command = "notifier bench" + (" --quick" if quick else "") + (
         f" --rtt-ms {rtt_ms:g}" if rtt_ms != 50.0 else "") + (" --json" if as_json else "")  # fmt: skip
     machine, date, started = _machine(), time.strftime("%Y-%m-%d %H:%M %Z"), time.monotonic()

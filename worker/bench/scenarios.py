@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from producer.client import Notifier
 
 from ..devtools.postfix import postfix_unavailable
 from ..devtools.proxy import ProxyProcess
-
-if TYPE_CHECKING:
-    pass  # needs aiosmtpd (the dev extra)
 from .lab import (
     MAIL_FROM,
     MAIL_TO,
