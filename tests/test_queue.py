@@ -18,6 +18,13 @@ import redis.exceptions
 
 from producer.keys import Keys
 from worker.queue import Queue, connect
+from worker.records import DeliveryRecord
+
+
+def R(fields: dict) -> DeliveryRecord:
+    """A delivery record from its wire form (the tests write them as dicts)."""
+    return DeliveryRecord.from_json(json.dumps(fields))
+
 
 KEYS = Keys("notifier")
 
@@ -118,11 +125,11 @@ async def test_ack_removes_exactly_that_element_and_marks_sent(q, r):
     same = ev("dup")
     await push(r, ev(1), same, ev(2), same)
     await q.fetch_ready(4)
-    record = {"t": time.time(), "o": "sent", "id": "e1", "l": 0.05}
+    record = R({"t": time.time(), "o": "sent", "id": "e1", "l": 0.05})
     await q.ack(ev(1), q.claim_for("e1", "t"), record)
     assert sorted(await lrange(r, KEYS.processing("w1"))) == sorted([same, ev(2), same])
     await q.ack(
-        same, q.claim_for("edup", "t"), {"t": time.time(), "o": "sent", "id": "edup", "l": 0.1}
+        same, q.claim_for("edup", "t"), R({"t": time.time(), "o": "sent", "id": "edup", "l": 0.1})
     )
     assert sorted(await lrange(r, KEYS.processing("w1"))) == sorted([same, ev(2)])
     assert await r.get(KEYS.sent("e1")) is not None
@@ -130,7 +137,7 @@ async def test_ack_removes_exactly_that_element_and_marks_sent(q, r):
     assert await q.sent_marks(["e1", "edup", "e2"]) == [True, True, False]
     records = [json.loads(x) for x in await lrange(r, KEYS.deliveries)]
     assert [x["id"] for x in records] == ["edup", "e1"]  # newest first
-    assert records[1] == record
+    assert R(records[1]) == DeliveryRecord(round(record.t, 3), record.status, "e1", latency_s=0.05)
     assert (await q.counters())["delivered"] == 2
 
 
@@ -138,8 +145,8 @@ async def test_ack_many_in_one_round_trip(q, r):
     await push(r, ev(1), ev(2), ev(3))
     await q.fetch_ready(3)
     await asyncio.gather(
-        q.ack(ev(1), q.claim_for("e1", "t"), {"o": "sent"}),
-        q.ack(ev(3), q.claim_for("e3", "t"), {"o": "sent"}),
+        q.ack(ev(1), q.claim_for("e1", "t"), R({"o": "sent"})),
+        q.ack(ev(3), q.claim_for("e3", "t"), R({"o": "sent"})),
     )
     assert await lrange(r, KEYS.processing("w1")) == [ev(2)]
     assert await q.sent_marks(["e1", "e2", "e3"]) == [True, False, True]
@@ -149,15 +156,15 @@ async def test_deliveries_are_capped(make_queue, r):
     q = make_queue("w1", deliveries_kept=100)
     for i in range(105):
         await r.lpush(KEYS.processing("w1"), ev(i))
-        await q.ack(ev(i), q.claim_for(f"e{i}", "t"), {"t": i, "o": "sent"})
+        await q.ack(ev(i), q.claim_for(f"e{i}", "t"), R({"t": i, "o": "sent"}))
     assert await r.llen(KEYS.deliveries) == 100
     assert (await q.counters())["delivered"] == 105
 
 
-async def test_skip_duplicate(q, r):
+async def test_drop_a_duplicate(q, r):
     await push(r, ev(1))
     await q.fetch_ready(1)
-    await q.skip_duplicate(ev(1))
+    await q.drop(ev(1), R({"t": 1, "o": "duplicate", "id": "e1"}))
     assert await r.llen(KEYS.processing("w1")) == 0
     assert (await q.counters())["duplicates_skipped"] == 1
 
@@ -167,7 +174,7 @@ async def test_retry_puts_the_updated_text_in_the_zset(q, r):
     await q.fetch_ready(2)
     again = json.dumps({"id": "e1", "subject": "事件 1", "_meta": {"attempts": 1}})
     due = time.time() + 30
-    await q.retry(ev(1), again, due, {"t": time.time(), "o": "retry", "reason": "transient"})
+    await q.retry(ev(1), again, due, R({"t": time.time(), "o": "retry", "reason": "transient"}))
     assert await lrange(r, KEYS.processing("w1")) == [ev(2)]
     entries = await r.zrange(KEYS.retry, 0, -1, withscores=True)
     assert entries == [(again.encode(), pytest.approx(due))]
@@ -180,7 +187,7 @@ async def test_bury_moves_to_dead_with_the_reason(q, r):
     await push(r, ev(1))
     await q.fetch_ready(1)
     letter = {"event": ev(1).decode(), "id": "e1", "reason": "permanent", "error": "550 no"}
-    await q.bury(ev(1), letter, {"t": time.time(), "o": "dead", "reason": "permanent"})
+    await q.bury(ev(1), letter, R({"t": time.time(), "o": "dead", "reason": "permanent"}))
     assert await r.llen(KEYS.processing("w1")) == 0
     ((raw, stored),) = await q.dead_letters()
     assert stored == letter
@@ -194,7 +201,7 @@ async def test_split_acks_and_schedules_the_refused_part(q, r):
     await q.split(
         ev(1),
         q.claim_for("e1", "t"),
-        {"o": "sent"},
+        R({"o": "sent"}),
         '{"id":"e1.r1","subject":"s"}',
         time.time() + 5,
     )
@@ -206,7 +213,7 @@ async def test_split_acks_and_schedules_the_refused_part(q, r):
 async def test_requeue_puts_it_at_the_front(q, r):
     await push(r, ev(1), ev(2), ev(3))
     (first,) = await q.fetch_ready(1)
-    await q.requeue(first)
+    await q.requeue(first, R({"t": 1, "o": "requeued", "id": "e1", "reason": "fenced"}))
     assert await r.llen(KEYS.processing("w1")) == 0
     assert await q.fetch_ready(3) == [ev(1), ev(2), ev(3)]  # first in line again
 
@@ -310,7 +317,7 @@ async def bury_three(q: Queue, r: aredis.Redis) -> None:
     await q.fetch_ready(3)
     for i in (1, 2, 3):
         letter = {"event": ev(i).decode(), "id": f"e{i}", "reason": "permanent", "error": "x"}
-        await q.bury(ev(i), letter, {"o": "dead", "reason": "permanent"})
+        await q.bury(ev(i), letter, R({"o": "dead", "reason": "permanent"}))
 
 
 async def test_dead_letters_list_newest_first_with_limit(q, r):
@@ -350,7 +357,7 @@ async def test_recent_outcomes_since(q, r):
     now = time.time()
     for i, t in enumerate([now - 100, now - 10, now - 1]):
         await r.lpush(KEYS.deliveries, json.dumps({"t": t, "o": "sent", "id": f"e{i}"}))
-    assert [x["id"] for x in await q.recent(now - 50)] == ["e2", "e1"]
+    assert [x.id for x in await q.recent(now - 50)] == ["e2", "e1"]
 
 
 async def test_reconcile_returns_what_the_worker_does_not_hold(q, r):
@@ -372,10 +379,10 @@ async def test_settling_an_event_no_longer_held_adds_no_copy(q, r):
     """A worker taken for dead (its events recovered by another) or a settle call retried
     after a lost reply must not add a second copy to retry, dead or the queue."""
     await r.rpush(q.processing, b"e")
-    assert await q.retry(b"e", "again", 1.0, {"t": 1, "o": "retry", "id": "x"})
-    assert not await q.retry(b"e", "again", 1.0, {"t": 1, "o": "retry", "id": "x"})
-    assert not await q.bury(b"e", {"reason": "permanent"}, {"t": 1, "o": "dead", "id": "x"})
-    assert not await q.requeue(b"e")
+    assert await q.retry(b"e", "again", 1.0, R({"t": 1, "o": "retry", "id": "x"}))
+    assert not await q.retry(b"e", "again", 1.0, R({"t": 1, "o": "retry", "id": "x"}))
+    assert not await q.bury(b"e", {"reason": "permanent"}, R({"t": 1, "o": "dead", "id": "x"}))
+    assert not await q.requeue(b"e", R({"t": 1, "o": "requeued", "id": "x"}))
     assert await r.zcard(KEYS.retry) == 1
     assert await r.llen(KEYS.dead) == 0 and await r.llen(KEYS.queue) == 0
 
@@ -389,7 +396,7 @@ async def test_ack_of_an_event_returned_meanwhile_still_marks_it_sent(make_queue
     q = make_queue("w1")
     claim = q.claim_for("e1", "t1")
     assert await q.claim(claim) == "claimed"
-    assert not await q.ack(ev(1), claim, {"t": 1, "o": "sent", "id": "e1"})
+    assert not await q.ack(ev(1), claim, R({"t": 1, "o": "sent", "id": "e1"}))
     assert await r.exists(KEYS.sent("e1")) == 1
     assert await r.exists(KEYS.sending("e1")) == 0  # our claim released
 
@@ -402,10 +409,10 @@ async def test_settle_releases_only_its_own_claim_even_when_the_event_is_gone(ma
     assert await q.claim(mine) == "claimed"
     assert await other.claim(theirs) == "claimed"
     # neither event is in w1's processing list: nothing is settled, but w1's claim goes
-    assert not await q.retry(ev(1), "again", 1.0, {"t": 1, "o": "retry", "id": "e1"}, mine)
+    assert not await q.retry(ev(1), "again", 1.0, R({"t": 1, "o": "retry", "id": "e1"}), mine)
     assert await r.exists(KEYS.sending("e1")) == 0
     # a claim with the same id but another owner's value is left alone
-    assert not await q.bury(ev(2), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e2"},
+    assert not await q.bury(ev(2), {"reason": "x"}, R({"t": 1, "o": "dead", "id": "e2"}),
                             q.claim_for("e2", "t2"))  # fmt: skip
     assert await r.get(KEYS.sending("e2")) == theirs.value.encode()
     await q.release([q.claim_for("e2", "other-token")])
@@ -426,15 +433,15 @@ async def test_a_full_redis_refuses_a_settle_as_a_whole_but_not_the_heartbeat(
         await client.rpush(q.processing, ev(1))
         await client.config_set("maxmemory", 1)
         with pytest.raises(redis.exceptions.OutOfMemoryError):
-            await q.bury(ev(1), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e1"})
+            await q.bury(ev(1), {"reason": "x"}, R({"t": 1, "o": "dead", "id": "e1"}))
         with pytest.raises(redis.exceptions.OutOfMemoryError):
-            await q.ack(ev(1), q.claim_for("e1", "t"), {"t": 1, "o": "sent", "id": "e1"})
+            await q.ack(ev(1), q.claim_for("e1", "t"), R({"t": 1, "o": "sent", "id": "e1"}))
         assert await client.lrange(q.processing, 0, -1) == [ev(1)]  # nothing half-done
         assert not await q.heartbeat({"pid": 1})  # allowed while full (first registration)
         assert await q.heartbeat({"pid": 1})
         assert await client.exists(KEYS.heartbeat("w1")) == 1
         await client.config_set("maxmemory", 0)
-        assert await q.bury(ev(1), {"reason": "x"}, {"t": 1, "o": "dead", "id": "e1"})
+        assert await q.bury(ev(1), {"reason": "x"}, R({"t": 1, "o": "dead", "id": "e1"}))
     finally:
         await client.aclose()
 

@@ -245,14 +245,14 @@ async def test_a_bug_while_handling_an_event_dead_letters_it_and_the_lane_goes_o
     from worker.service import Worker
     from worker.settings import Settings
 
-    real = Deliverer.handle
+    real = Deliverer._decide
 
-    async def buggy(self, lane, raw, fetched_at):
-        if b"trigger-bug" in raw:
+    async def buggy(self, lane, h):
+        if b"trigger-bug" in h.raw:
             raise RuntimeError("boom")
-        return await real(self, lane, raw, fetched_at)
+        return await real(self, lane, h)
 
-    monkeypatch.setattr(Deliverer, "handle", buggy)
+    monkeypatch.setattr(Deliverer, "_decide", buggy)
     settings = Settings(
         _env_file=None, redis_url=redis_url, smtp_host="127.0.0.1", smtp_port=smtp_server.port,
         smtp_tls="none", mail_from="alerts@example.com", mail_to=["trader@example.com"],

@@ -49,6 +49,7 @@ from worker.compose import Composer, delayed_prefix, format_delay, repeated_note
 from worker.devtools.smtp_server import SMTPTestServer
 from worker.mailer import message_bytes
 from worker.queue import Queue, connect
+from worker.records import DeliveryRecord, Status
 from worker.settings import load_settings
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -155,9 +156,10 @@ async def test_hold_take_digest_and_ack(q: Queue, redis_url: str):
             r.lpush(KEYS.queue, raw)
         fetched = await q.fetch_ready(5)
         assert fetched == raws
-        assert await q.hold("g1", fetched[:3], T0 + 50) == 3
-        assert await q.hold("g1", fetched[3:], T0 + 20) == 2  # the earliest due time wins
-        assert await q.hold("g1", [b"not in processing"], T0 + 1) == 0  # only what we hold
+        held = DeliveryRecord(T0, Status.HELD, "h0")
+        assert await q.hold("g1", fetched[:3], T0 + 50, held) == 3
+        assert await q.hold("g1", fetched[3:], T0 + 20, held) == 2  # the earliest due time wins
+        assert await q.hold("g1", [b"not in processing"], T0 + 1, held) == 0  # only what we hold
         assert r.zscore(KEYS.digests, "g1") == T0 + 1  # (due time still moves earlier)
         assert r.llen(q.processing) == 0
         assert r.lrange(KEYS.held("g1"), 0, -1) == raws
@@ -172,7 +174,9 @@ async def test_hold_take_digest_and_ack(q: Queue, redis_url: str):
         assert sorted(r.lrange(q.processing, 0, -1)) == sorted(raws)
         assert await q.take_digest(now=T0 + 100) is None
         await q.ack_digest(
-            taken, [q.claim_for(f"h{i}", "t") for i in range(5)], {"t": T0, "o": "digest", "n": 5}
+            taken,
+            [q.claim_for(f"h{i}", "t") for i in range(5)],
+            DeliveryRecord(T0, Status.DIGEST, "d1", count=5),
         )
         assert r.llen(q.processing) == 0
         assert all(await q.sent_marks([f"h{i}" for i in range(5)]))

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .logs import setup_logging
 from .mailer import Connection, message_bytes, tls_context
 from .metrics import summarize
 from .queue import Queue, connect
+from .records import Status
 from .settings import (
     Settings,
     SettingsError,
@@ -526,17 +528,14 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
     now = time.time()
     d = await q.depths()
     recs = await q.recent(now - window_s)
-    sent = [r for r in recs if r.get("o") == "sent"]
-    digests = [r for r in recs if r.get("o") == "digest"]
+    sent = [r for r in recs if r.status is Status.SENT]
     # every event of a digest counts as delivered, with its own latency
-    latencies = [float(r["l"]) for r in sent] + [float(x) for r in digests for x in r.get("ls", [])]
+    latencies = [x for r in recs for x in r.event_latencies]
     summary = summarize(latencies, target)
-    waits = summarize([float(r.get("w", 0)) for r in sent], target)
-    smtp = summarize([float(r.get("s", 0)) for r in sent], target)
-    dead_reasons: dict[str, int] = {}
-    for r in recs:
-        if r.get("o") == "dead":
-            dead_reasons[r.get("reason", "")] = dead_reasons.get(r.get("reason", ""), 0) + 1
+    waits = summarize([r.queue_wait_s or 0.0 for r in sent], target)
+    smtp = summarize([r.send_s or 0.0 for r in sent], target)
+    by_status = Counter(r.status for r in recs)
+    dead_reasons = dict(Counter(r.reason for r in recs if r.status is Status.DEAD))
     workers = await q.workers()
     paused = await q.redis.get(q.keys.paused)
 
@@ -554,9 +553,9 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
             "held": d.held,
         },
         "delivered": len(latencies),
-        "digests": len(digests),
-        "suppressed": sum(1 for r in recs if r.get("o") == "suppressed"),
-        "retried": sum(1 for r in recs if r.get("o") == "retry"),
+        "digests": by_status[Status.DIGEST],
+        "suppressed": by_status[Status.SUPPRESSED],
+        "retried": by_status[Status.RETRY],
         "dead": sum(dead_reasons.values()),
         "dead_reasons": dead_reasons,
         "latency": {

@@ -6,7 +6,8 @@ Names (also used by deploy/prometheus/alerts.yml and the Grafana dashboard):
   ``notifier_queue_wait_seconds`` (-> fetched), ``notifier_smtp_seconds`` (the transaction)
 * counters: ``notifier_delivered_total``, ``notifier_delivered_within_target_total``,
   ``notifier_retried_total{reason}``, ``notifier_dead_total{reason}``,
-  ``notifier_suppressed_total``, ``notifier_digests_total``
+  ``notifier_suppressed_total``, ``notifier_digests_total``, ``notifier_held_total``,
+  ``notifier_requeued_total{reason}``, ``notifier_duplicates_total``
 * gauges: ``notifier_queue_depth``, ``notifier_retry_depth``, ``notifier_dead_depth``,
   ``notifier_processing_depth``, ``notifier_inflight_sends``, ``notifier_smtp_connections``,
   ``notifier_smtp_paused``, ``notifier_latency_target_seconds``, ``notifier_held_depth``,
@@ -30,8 +31,23 @@ __all__ = ["BUCKETS", "LatencySummary", "Metrics", "percentile", "summarize"]
 
 # Sub-second resolution where it matters (5 ms ... 10 s).
 BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+)
 RETRY_REASONS = ("transient", "throttled")
 DEAD_REASONS = ("permanent", "invalid", "exhausted", "expired", "recipient", "internal")
 
@@ -44,21 +60,27 @@ class Metrics:
         self.latency = Histogram(
             "notifier_delivery_latency_seconds",
             "End-to-end: event produced (ts, else first seen) to 250 after DATA",
-            buckets=BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "notifier_queue_wait_seconds", "Event produced to fetched by a worker",
-            buckets=BUCKETS, registry=r,
-        )  # fmt: skip
+            "notifier_queue_wait_seconds",
+            "Event produced to fetched by a worker",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.smtp = Histogram(
-            "notifier_smtp_seconds", "SMTP transaction (incl. reconnect when needed)",
-            buckets=BUCKETS, registry=r,
-        )  # fmt: skip
+            "notifier_smtp_seconds",
+            "SMTP transaction (incl. reconnect when needed)",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.delivered = Counter("notifier_delivered", "Events accepted by SMTP", registry=r)
         self.within_target = Counter(
             "notifier_delivered_within_target",
-            "Events delivered within LATENCY_TARGET_S", registry=r,
-        )  # fmt: skip
+            "Events delivered within LATENCY_TARGET_S",
+            registry=r,
+        )
         self.retried = Counter("notifier_retried", "Retries scheduled", ["reason"], registry=r)
         self.dead = Counter("notifier_dead", "Events dead-lettered", ["reason"], registry=r)
         for reason in RETRY_REASONS:
@@ -71,11 +93,23 @@ class Metrics:
         self.digests = Counter(
             "notifier_digests", "Digest mails sent (rate limit reached)", registry=r
         )
+        self.held = Counter("notifier_held", "Events held for a digest", registry=r)
+        self.requeued = Counter(
+            "notifier_requeued",
+            "Events returned to the queue unchanged (configuration pause, fenced)",
+            ["reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "notifier_duplicates", "Repeats of a delivered id dropped", registry=r
+        )
         self.held_depth = Gauge("notifier_held_depth", "Events held for a digest", registry=r)
         self.account_up = Gauge(
-            "notifier_smtp_account_available", "1 while an SMTP account is usable",
-            ["account"], registry=r,
-        )  # fmt: skip
+            "notifier_smtp_account_available",
+            "1 while an SMTP account is usable",
+            ["account"],
+            registry=r,
+        )
         self.queue_depth = Gauge("notifier_queue_depth", "Events waiting in the queue", registry=r)
         self.retry_depth = Gauge("notifier_retry_depth", "Events waiting for a retry", registry=r)
         self.dead_depth = Gauge("notifier_dead_depth", "Dead letters", registry=r)
@@ -154,10 +188,15 @@ class LatencySummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "count": self.count, "p50_s": self.p50, "p95_s": self.p95, "p99_s": self.p99,
-            "max_s": self.max, "mean_s": self.mean, "within_target": self.within_target,
+            "count": self.count,
+            "p50_s": self.p50,
+            "p95_s": self.p95,
+            "p99_s": self.p99,
+            "max_s": self.max,
+            "mean_s": self.mean,
+            "within_target": self.within_target,
             "target_s": self.target,
-        }  # fmt: skip
+        }
 
     def line(self) -> str:
         if not self.count:

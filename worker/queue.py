@@ -19,18 +19,70 @@ lost reply, never adds a second copy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis.asyncio as aredis
 
 from producer.keys import Keys
 
-__all__ = ["Claim", "Depths", "Queue", "connect"]
+from .records import DeliveryRecord, Status
+
+__all__ = ["Claim", "Depths", "Guard", "Queue", "connect"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class Guard(Protocol):
+    """Runs one Redis operation, waiting out what a wait fixes (see :mod:`worker.outage`)."""
+
+    async def __call__(
+        self, op: Callable[[], Awaitable[T]], what: str, *, urgent: bool = False
+    ) -> T: ...
+
+
+def _guarded(
+    what: str, *, urgent: bool = False
+) -> Callable[
+    [Callable[Concatenate[Queue, P], Awaitable[T]]], Callable[Concatenate[Queue, P], Awaitable[T]]
+]:
+    """Run the operation through the queue's guard (when it has one)."""
+
+    def wrap(
+        fn: Callable[Concatenate[Queue, P], Awaitable[T]],
+    ) -> Callable[Concatenate[Queue, P], Awaitable[T]]:
+        @functools.wraps(fn)
+        async def guarded(self: Queue, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            if self.guard is None:
+                return await fn(self, *args, **kwargs)
+            return await self.guard(lambda: fn(self, *args, **kwargs), what, urgent=urgent)
+
+        return guarded
+
+    return wrap
+
+
+def _counters(record: DeliveryRecord) -> list[str]:
+    """The lifetime counters (``<prefix>:counters``) a settled record adds one to."""
+    status = record.status
+    if status in (Status.SENT, Status.DIGEST):
+        return ["delivered"]
+    name = {
+        Status.SUPPRESSED: "suppressed",
+        Status.DUPLICATE: "duplicates_skipped",
+        Status.RETRY: "retried",
+        Status.DEAD: "dead",
+        Status.REQUEUED: "requeued",
+        Status.HELD: "held",
+    }[status]
+    return [name, f"{name}:{record.reason}"] if record.reason else [name]
+
 
 # Move up to ARGV[1] elements from the queue's right (oldest) end into the processing list.
 FETCH_MANY = """#!lua
@@ -139,11 +191,13 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 86400000)
 return {'send', prev, since}
 """
 
-# Hold events for a digest: processing -> held:<group> (all of ARGV[3..]), and make sure the
-# group is scheduled (the earliest due time wins). ARGV[1] = group, ARGV[2] = due.
+# Hold events for a digest: processing -> held:<group> (all of ARGV[5..]), make sure the
+# group is scheduled (the earliest due time wins), record it. ARGV[1] = group, ARGV[2] = due,
+# ARGV[3] = the record, ARGV[4] = records kept. KEYS: processing, held, digests, deliveries,
+# counters.
 HOLD = """#!lua
 local moved = 0
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
     redis.call('RPUSH', KEYS[2], ARGV[i])
     moved = moved + 1
@@ -153,8 +207,12 @@ local cur = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not cur or tonumber(cur) > tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 end
+redis.call('LPUSH', KEYS[4], ARGV[3])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+redis.call('HINCRBY', KEYS[5], 'held', moved)
 return moved
 """
+
 
 # Take one due digest group: held:<group> -> processing (oldest first in the reply).
 TAKE_DIGEST = """#!lua
@@ -359,8 +417,10 @@ class Queue:
         deliveries_kept: int = 20000,
         heartbeat_ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        guard: Guard | None = None,
     ) -> None:
         self.redis = redis
+        self.guard = guard
         self.keys = keys
         self.worker_id = worker_id
         self.processing = keys.processing(worker_id)
@@ -394,6 +454,11 @@ class Queue:
         self._take_digest = redis.register_script(TAKE_DIGEST)
 
     # ------------------------------------------------------------------ worker liveness
+    @_guarded("connect")
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    @_guarded("heartbeat", urgent=True)
     async def heartbeat(self, info: dict[str, Any]) -> bool:
         """Register this worker and renew its heartbeat (one round trip, allowed while Redis
         is full). False when the worker was not registered: at its first start, or because
@@ -417,6 +482,7 @@ class Queue:
         worker, before a send started now has finished)."""
         return self.lease_left() < self.heartbeat_ttl_s / 2
 
+    @_guarded("recover")
     async def recover(self, *, including_self: bool = False) -> dict[str, int]:
         """Return dead workers' in-flight events to the queue: {worker id: count moved}."""
         res = await self._recover(
@@ -436,6 +502,7 @@ class Queue:
         await pipe.execute()
 
     # ------------------------------------------------------------------ fetch
+    @_guarded("fetch")
     async def fetch_ready(self, n: int) -> list[bytes]:
         """Up to n events without blocking (one round trip)."""
         if n <= 0:
@@ -443,6 +510,7 @@ class Queue:
         res = await self._fetch_many(keys=[self.keys.queue, self.processing], args=[n])
         return list(cast(list[bytes], res))
 
+    @_guarded("fetch")
     async def fetch_blocking(self, redis: aredis.Redis, timeout_s: float) -> bytes | None:
         """Wait up to timeout_s for one event (BLMOVE on the given, dedicated connection)."""
         res = await redis.blmove(self.keys.queue, self.processing, _v(timeout_s), "RIGHT", "LEFT")
@@ -458,6 +526,7 @@ class Queue:
         """The claim this worker makes on ``event_id`` for one handling named ``token``."""
         return Claim(event_id, f"{self.owner}|{token}")
 
+    @_guarded("claim")
     async def claim(self, claim: Claim) -> str:
         """'claimed' (send it, then settle with this claim), 'sent' or 'busy'. Calling again
         with the same claim (a retry after a lost reply) finds it ours."""
@@ -468,6 +537,7 @@ class Queue:
         )
         return _s(cast(bytes, res))
 
+    @_guarded("release")
     async def release(self, claims: Sequence[Claim], *, pipe: Any = None) -> None:
         """Release claims that are still ours (another owner's claim is left alone); with
         ``pipe``, queued on that pipeline instead."""
@@ -479,12 +549,14 @@ class Queue:
             )
 
     # ------------------------------------------------------------------ settle
-    def _record(self, pipe: Any, record: dict[str, Any], counter: str) -> None:
-        pipe.lpush(self.keys.deliveries, _json(record))
+    def _record(self, pipe: Any, record: DeliveryRecord) -> None:
+        pipe.lpush(self.keys.deliveries, record.to_json())
         pipe.ltrim(self.keys.deliveries, 0, self.deliveries_kept - 1)
-        pipe.hincrby(self.keys.counters, counter, 1)
+        for counter in _counters(record):
+            pipe.hincrby(self.keys.counters, counter, 1)
 
-    async def ack(self, raw: bytes, claim: Claim, record: dict[str, Any]) -> bool:
+    @_guarded("ack")
+    async def ack(self, raw: bytes, claim: Claim, record: DeliveryRecord) -> bool:
         """Delivered: drop from processing, mark sent, release our claim, record it (one
         command, sent together with other lanes' acks and claims when they coincide).
         False when the event was no longer in this worker's processing list."""
@@ -497,7 +569,7 @@ class Queue:
                 self.keys.deliveries,
                 self.keys.counters,
             ],
-            [raw, self.sent_ttl_s, _json(record), self.deliveries_kept, claim.value],
+            [raw, self.sent_ttl_s, record.to_json(), self.deliveries_kept, claim.value],
         )
         return int(cast(int, res)) == 1
 
@@ -510,8 +582,7 @@ class Queue:
         member: Any = "",
         score: float = 0.0,
         claim: Claim | None,
-        record: dict[str, Any] | None,
-        counters: Sequence[str],
+        record: DeliveryRecord,
     ) -> bool:
         res = await self._settle_script(
             keys=[
@@ -527,30 +598,27 @@ class Queue:
                 member,
                 score,
                 claim.value if claim else "",
-                _json(record) if record else "",
+                record.to_json(),
                 self.deliveries_kept,
-                *counters,
+                *_counters(record),
             ],
         )
         return int(cast(int, res)) == 1
 
-    async def skip_duplicate(self, raw: bytes) -> None:
-        """Already delivered (sent mark present): just drop it from processing."""
-        await self._settle(
-            raw,
-            op="none",
-            target=self.keys.queue,
-            claim=None,
-            record=None,
-            counters=["duplicates_skipped"],
+    @_guarded("drop")
+    async def drop(self, raw: bytes, record: DeliveryRecord, claim: Claim | None = None) -> bool:
+        """Nothing more to do (a duplicate, a suppressed repeat): out of processing."""
+        return await self._settle(
+            raw, op="none", target=self.keys.queue, claim=claim, record=record
         )
 
+    @_guarded("retry")
     async def retry(
         self,
         raw: bytes,
         again: str,
         due: float,
-        record: dict[str, Any],
+        record: DeliveryRecord,
         claim: Claim | None = None,
     ) -> bool:
         """Wait for a retry: the updated event text goes into the retry set at its due time."""
@@ -562,14 +630,14 @@ class Queue:
             score=due,
             claim=claim,
             record=record,
-            counters=["retried", f"retried:{record.get('reason', '')}"],
         )
 
+    @_guarded("dead letter")
     async def bury(
         self,
         raw: bytes,
         dead_letter: dict[str, Any],
-        record: dict[str, Any],
+        record: DeliveryRecord,
         claim: Claim | None = None,
     ) -> bool:
         """Dead letter: processing -> dead, with the reason."""
@@ -580,11 +648,11 @@ class Queue:
             member=json.dumps(dead_letter, ensure_ascii=False),
             claim=claim,
             record=record,
-            counters=["dead", f"dead:{record.get('reason', '')}"],
         )
 
+    @_guarded("ack")
     async def split(
-        self, raw: bytes, claim: Claim, record: dict[str, Any], again: str, due: float
+        self, raw: bytes, claim: Claim, record: DeliveryRecord, again: str, due: float
     ) -> None:
         """Delivered to some recipients; a retry for the refused ones (one round trip)."""
         pipe = self.redis.pipeline(transaction=True)
@@ -592,21 +660,18 @@ class Queue:
         pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
         await self.release([claim], pipe=pipe)
         pipe.zadd(self.keys.retry, {again: due})
-        self._record(pipe, record, "delivered")
+        self._record(pipe, record)
+        pipe.hincrby(self.keys.counters, "retried", 1)
         await pipe.execute()
 
-    async def requeue(self, raw: bytes, claim: Claim | None = None) -> bool:
+    @_guarded("requeue")
+    async def requeue(self, raw: bytes, record: DeliveryRecord, claim: Claim | None = None) -> bool:
         """Back to the front of the queue, unchanged (not an attempt)."""
         return await self._settle(
-            raw,
-            op="rpush",
-            target=self.keys.queue,
-            member=raw,
-            claim=claim,
-            record=None,
-            counters=[],
+            raw, op="rpush", target=self.keys.queue, member=raw, claim=claim, record=record
         )
 
+    @_guarded("reconcile")
     async def reconcile(self, held: Sequence[bytes]) -> int:
         """Return to the queue whatever is in this worker's processing list but not in
         ``held`` (the events it really has); the number moved."""
@@ -619,6 +684,7 @@ class Queue:
         return moved.get(self.worker_id, 0)
 
     # ------------------------------------------------------------------ retries
+    @_guarded("schedule")
     async def schedule(self, now: float | None = None, limit: int = 500) -> int:
         """Move due retries to the front of the queue; returns how many."""
         n = await self._schedule(
@@ -626,11 +692,13 @@ class Queue:
         )
         return int(cast(int, n))
 
+    @_guarded("schedule")
     async def next_due(self) -> float | None:
         res = await self.redis.zrange(self.keys.retry, 0, 0, withscores=True)
         return float(res[0][1]) if res else None
 
     # ------------------------------------------------------------------ trading fit
+    @_guarded("rate limit")
     async def rate_acquire(
         self,
         account: str,
@@ -650,6 +718,7 @@ class Queue:
         )
         return float(_s(cast(bytes, res)))
 
+    @_guarded("suppress")
     async def suppress(
         self, dedup_key: str, window_s: float, event_id: str, *, now: float | None = None
     ) -> tuple[bool, int, float]:
@@ -664,27 +733,24 @@ class Queue:
         )
         return _s(res[0]) == "suppressed", int(_s(res[1])), float(_s(res[2]))
 
-    async def suppressed(
-        self, raw: bytes, record: dict[str, Any], claim: Claim | None = None
-    ) -> bool:
-        """A repeat inside its suppression window: drop it from processing, count it."""
-        return await self._settle(
-            raw,
-            op="none",
-            target=self.keys.queue,
-            claim=claim,
-            record=record,
-            counters=["suppressed"],
-        )
-
-    async def hold(self, group: str, raws: Sequence[bytes], due: float) -> int:
+    @_guarded("hold")
+    async def hold(
+        self, group: str, raws: Sequence[bytes], due: float, record: DeliveryRecord
+    ) -> int:
         """Hold events for a digest of ``group`` due at ``due`` (processing -> held)."""
         res = await self._hold(
-            keys=[self.processing, self.keys.held(group), self.keys.digests],
-            args=[group, due, *raws],
+            keys=[
+                self.processing,
+                self.keys.held(group),
+                self.keys.digests,
+                self.keys.deliveries,
+                self.keys.counters,
+            ],
+            args=[group, due, record.to_json(), self.deliveries_kept, *raws],
         )
         return int(cast(int, res))
 
+    @_guarded("digests")
     async def take_digest(self, now: float | None = None) -> tuple[str, list[bytes]] | None:
         """One due digest group's events, moved into this worker's processing list."""
         res = cast(
@@ -698,12 +764,14 @@ class Queue:
             return None
         return _s(res[0]), list(res[1:])
 
+    @_guarded("digests")
     async def next_digest_due(self) -> float | None:
         res = await self.redis.zrange(self.keys.digests, 0, 0, withscores=True)
         return float(res[0][1]) if res else None
 
+    @_guarded("ack")
     async def ack_digest(
-        self, raws: Sequence[bytes], claims: Sequence[Claim], record: dict[str, Any]
+        self, raws: Sequence[bytes], claims: Sequence[Claim], record: DeliveryRecord
     ) -> None:
         """A digest was accepted: every event in it is delivered (one round trip)."""
         pipe = self.redis.pipeline(transaction=True)
@@ -711,11 +779,12 @@ class Queue:
             pipe.lrem(self.processing, 1, _v(raw))
             pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
         await self.release(claims, pipe=pipe)
-        self._record(pipe, record, "delivered")
+        self._record(pipe, record)
         pipe.hincrby(self.keys.counters, "digested", len(raws))
         await pipe.execute()
 
     # ------------------------------------------------------------------ pause flag
+    @_guarded("pause flag")
     async def set_paused(self, reason: str | None, ttl_s: float = 600.0) -> None:
         if reason is None:
             await self.redis.delete(self.keys.paused)
@@ -724,6 +793,7 @@ class Queue:
             await self.redis.set(self.keys.paused, value, px=int(ttl_s * 1000))
 
     # ------------------------------------------------------------------ inspection
+    @_guarded("depths")
     async def depths(self) -> Depths:
         workers = [_s(w) for w in await self.redis.smembers(self.keys.workers)]
         groups = [_s(cast(bytes, g)) for g in await self.redis.zrange(self.keys.digests, 0, -1)]
@@ -739,6 +809,7 @@ class Queue:
         n = 3 + len(workers)
         return Depths(res[0], res[1], res[2], sum(res[3:n]), sum(res[n:]))
 
+    @_guarded("scan")
     async def foreign_queues(self, *, max_keys: int = 100_000) -> dict[str, int]:
         """Lists named ``<other prefix>:queue`` on this Redis (database) whose oldest element
         looks like a notifier event: {key: length}. A producer with another KEY_PREFIX
@@ -761,17 +832,17 @@ class Queue:
         raw = await self.redis.hgetall(self.keys.counters)
         return {_s(k): int(v) for k, v in raw.items()}
 
-    async def recent(self, since: float) -> list[dict[str, Any]]:
-        """Outcome records newer than ``since`` (newest first)."""
-        out: list[dict[str, Any]] = []
+    async def recent(self, since: float) -> list[DeliveryRecord]:
+        """Delivery records newer than ``since`` (newest first)."""
+        out: list[DeliveryRecord] = []
         start, page = 0, 1000
         while True:
             chunk = await self.redis.lrange(self.keys.deliveries, start, start + page - 1)
             if not chunk:
                 return out
             for item in chunk:
-                rec = json.loads(item)
-                if rec.get("t", 0) < since:
+                rec = DeliveryRecord.from_json(item)
+                if rec.t < since:
                     return out
                 out.append(rec)
             start += page

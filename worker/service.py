@@ -23,40 +23,21 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
-from redis.exceptions import MasterDownError, RedisError, TryAgainError
-
-from producer.keys import Keys
-from producer.redis_errors import RedisProblem, classify_redis_error, explain_redis_error
-
-from .accounts import Account
-from .compose import Composer
-from .deliver import Deliverer, Outcome
+from .core import build_core
 from .errors import ConfigurationError, SendError
-from .metrics import Metrics
-from .queue import Queue, connect
+from .outage import REDIS_ERRORS, RedisGuard, running_as
+from .queue import connect
 from .sdnotify import ProgressMonitor, SystemdNotifier, watchdog_interval
 from .settings import Settings
+from .settle import Outcome
 
 __all__ = ["Outcome", "Worker", "run"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 FOREIGN_QUEUE_CHECK_S = 60.0
-# Errors that a wait fixes (Redis down, loading, full, failing to persist, a replica or an
-# election): every operation waits them out. Anything else Redis answers is a bug or a
-# permission problem and is raised.
-_PERMANENT_PROBLEMS = frozenset({RedisProblem.OTHER, RedisProblem.NO_PERMISSION})
-_DOWN = frozenset({RedisProblem.UNREACHABLE, RedisProblem.HOST_NOT_FOUND, RedisProblem.TIMEOUT})
-
-
-def _waits_out(exc: BaseException) -> bool:
-    if isinstance(exc, MasterDownError | TryAgainError):
-        return True
-    return classify_redis_error(exc) not in _PERMANENT_PROBLEMS
 
 
 @dataclass(slots=True)
@@ -83,27 +64,15 @@ class Worker:
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
-        self.redis = connect(settings.redis_url)
-        self._blocking_redis = connect(settings.redis_url)
-        self.queue = Queue(
-            self.redis, self.keys, settings.worker_id,
-            sent_ttl_s=settings.sent_ttl_s, deliveries_kept=settings.deliveries_kept,
-            heartbeat_ttl_s=settings.heartbeat_ttl_s,
-        )  # fmt: skip
-        self.accounts = [Account(a, i) for i, a in enumerate(settings.accounts())]
-        self.mailer = self.accounts[0].mailer  # the primary account's lanes
-        assert settings.mail_from is not None
-        self.composer = Composer(
-            mail_from=settings.mail_from, template_dir=settings.template_dir,
-            thread_by_day=settings.thread_by_day,
-        )  # fmt: skip
-        self.metrics = Metrics(settings.latency_target_s)
-        self.deliverer = Deliverer(
-            settings, self.queue, self.accounts, self.composer, self.metrics, self._redis,
-            on_outcome=on_outcome, on_retry=self._wake_scheduler,
-        )  # fmt: skip
         self.monitor = ProgressMonitor()
+        self.guard = RedisGuard(settings.redis_url, beat=self.monitor.beat)
+        core = build_core(
+            settings, guard=self.guard, on_outcome=on_outcome, on_retry=self._wake_scheduler
+        )
+        self.core = core
+        self.keys, self.redis, self.queue = core.keys, core.redis, core.queue
+        self.accounts, self.metrics, self.deliverer = core.accounts, core.metrics, core.deliverer
+        self._blocking_redis = connect(settings.redis_url)
         self.systemd = SystemdNotifier()
         # Every loop must show progress well within systemd's watchdog interval: no wait in
         # a loop is longer than a quarter of it (nor than 1 s).
@@ -114,13 +83,11 @@ class Worker:
         # What this worker holds of its processing list (fetched, not yet settled): after a
         # lost reply on the fetch path the rest is returned to the queue (reconcile).
         self._held: Counter[bytes] = Counter()
-        self._redis_errors = 0
         self._free = asyncio.Semaphore(settings.concurrency)
         self._inflight = 0
         self._stop = asyncio.Event()
         self._retry_added = asyncio.Event()
         self._burst = False
-        self._redis_down_since: float | None = None
         self._metrics_server: Any = None
         # Bumped when this worker learns that another one took it for dead (its heartbeat
         # lapsed) and returned its processing list to the queue: jobs fetched before are no
@@ -181,12 +148,12 @@ class Worker:
 
     async def _start(self) -> None:
         s = self.settings
-        await self._redis(self.redis.ping, "connect")
-        await self._redis(lambda: self.queue.heartbeat(self._info()), "register")
+        await self.queue.ping()
+        await self.queue.heartbeat(self._info())
         self._registered = True
         # renewed from now on, also while the first SMTP login waits (up to READY_WAIT_S)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        moved = await self._redis(lambda: self.queue.recover(including_self=True), "recover")
+        moved = await self.queue.recover(including_self=True)
         for wid, n in moved.items():
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
         self._metrics_server = self.metrics.serve(s.metrics_host, s.metrics_port)
@@ -194,10 +161,16 @@ class Worker:
         self.metrics.connections.set(self._open_connections())
         logger.info(
             "worker %s started: %s:%s (%s), %d lane(s), queue %s%s",
-            s.worker_id, s.smtp_host, s.smtp_port, s.smtp_tls, s.concurrency, self.keys.queue,
+            s.worker_id,
+            s.smtp_host,
+            s.smtp_port,
+            s.smtp_tls,
+            s.concurrency,
+            self.keys.queue,
             f", failover {', '.join(a.name for a in self.accounts[1:])}"
-            if len(self.accounts) > 1 else "",
-        )  # fmt: skip
+            if len(self.accounts) > 1
+            else "",
+        )
 
     async def _first_login(self) -> None:
         """READY=1 once the primary account logs in, or once it is paused on a configuration
@@ -214,7 +187,7 @@ class Worker:
                 primary.failed(config[0])
                 self.metrics.paused.set(1 if self.paused else 0)
                 reason = str(config[0])
-                await self._redis(partial(self.queue.set_paused, reason), "pause")
+                await self.queue.set_paused(reason)
                 self.systemd.ready(f"PAUSED: SMTP configuration error: {reason}")
                 return
             if primary.mailer.open_connections or self._stop.is_set():
@@ -222,7 +195,7 @@ class Worker:
                     logger.warning("SMTP warm-up: %s (reconnecting on demand)", e)
                 if primary.mailer.open_connections:
                     # a login works: a pause flag left by a worker with wrong settings is stale
-                    await self._redis(partial(self.queue.set_paused, None), "resume")
+                    await self.queue.set_paused(None)
                 self.systemd.ready(self._status())
                 return
             if time.monotonic() >= deadline:
@@ -288,8 +261,9 @@ class Worker:
         except (*REDIS_ERRORS, TimeoutError) as exc:
             logger.error(
                 "could not return in-flight events to the queue (%s); another worker will "
-                "recover them once this worker's heartbeat expires", exc,
-            )  # fmt: skip
+                "recover them once this worker's heartbeat expires",
+                exc,
+            )
         await asyncio.gather(*(a.mailer.close() for a in self.accounts), return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -299,51 +273,9 @@ class Worker:
                 await client.aclose()
         logger.info("worker %s stopped", self.settings.worker_id)
 
-    # ================================================================== Redis outages
-    async def _redis(
-        self,
-        op: Callable[[], Awaitable[T]],
-        what: str,
-        loop: str | None = None,
-        *,
-        max_delay: float = 5.0,
-    ) -> T:
-        """Run a Redis operation, waiting out an outage (Redis down, full, failing to
-        persist, a replica) with back-off, logged once with what to do about it.
-
-        ``loop`` names the calling loop: it is alive while it waits (the watchdog must not
-        restart a worker that is only waiting for Redis to come back)."""
-        delay = 0.2
-        while True:
-            if loop is not None:
-                self.monitor.beat(loop)
-            try:
-                result = await op()
-            except REDIS_ERRORS as exc:
-                if not _waits_out(exc):
-                    raise
-                self._redis_errors += 1
-                if self._redis_down_since is None:
-                    self._redis_down_since = time.monotonic()
-                    problem = classify_redis_error(exc)
-                    text = explain_redis_error(exc, self.settings.redis_url)
-                    if problem in _DOWN:
-                        logger.error("Redis unreachable during %s: %s; retrying", what, text)
-                    else:
-                        logger.error("Redis refused %s: %s; retrying until it accepts it",
-                                     what, text)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_delay)
-                continue
-            if self._redis_down_since is not None:
-                logger.warning(
-                    "Redis reachable again after %.1f s", time.monotonic() - self._redis_down_since
-                )
-                self._redis_down_since = None
-            return result
-
     # ================================================================== fetch
     async def _fetch_loop(self) -> None:
+        running_as("fetch")
         s = self.settings
         deep = True
         while not self._stop.is_set():
@@ -361,24 +293,19 @@ class Worker:
             while taken < s.fetch_batch and not self._free.locked():
                 await self._free.acquire()
                 taken += 1
-            errors_before = self._redis_errors
+            errors_before = self.guard.errors
             try:
                 # A batch when the queue may be deep; once one came back short the queue is
                 # empty, so wait on BLMOVE directly (one round trip an event, not two).
                 items = []
                 if deep:
-                    items = await self._redis(
-                        partial(self.queue.fetch_ready, taken), "fetch", "fetch"
-                    )
+                    items = await self.queue.fetch_ready(taken)
                     deep = len(items) == taken
                 if not items:
                     if self._burst and await self._burst_done():
                         self.stop()
                         return
-                    one = await self._redis(
-                        partial(self.queue.fetch_blocking, self._blocking_redis, self._tick),
-                        "fetch", "fetch",
-                    )  # fmt: skip
+                    one = await self.queue.fetch_blocking(self._blocking_redis, self._tick)
                     items = [one] if one is not None else []
                     deep = one is not None  # more may have arrived with it
             except BaseException:
@@ -389,7 +316,7 @@ class Worker:
             for raw in items:
                 self._held[raw] += 1
                 self._work.put_nowait(_EventJob(raw, now, self._epoch))
-            if self._redis_errors != errors_before:
+            if self.guard.errors != errors_before:
                 await self._reconcile()
             for _ in range(taken - len(items)):
                 self._free.release()
@@ -397,7 +324,7 @@ class Worker:
     async def _burst_done(self) -> bool:
         if self._inflight or not self._work.empty():
             return False
-        d = await self._redis(self.queue.depths, "depths")
+        d = await self.queue.depths()
         return d.queue == 0 and d.retry == 0 and d.processing == 0 and d.held == 0
 
     async def _wait_pause(self) -> None:
@@ -415,51 +342,52 @@ class Worker:
         except SendError as err:
             if isinstance(err, ConfigurationError):
                 account.failed(err)
-                await self._redis(partial(self.queue.set_paused, str(err)), "pause")
+                await self.queue.set_paused(str(err))
             else:
                 logger.warning("SMTP account %s still unreachable: %s", account.name, err)
                 account.mailer.pause(ConfigurationError(f"(retrying login) {err}"))
             return
         account.succeeded()
         self.metrics.paused.set(0)
-        await self._redis(partial(self.queue.set_paused, None), "resume")
+        await self.queue.set_paused(None)
 
     async def _reconcile(self) -> None:
         """A fetch was retried after a Redis error: the lost reply may have moved events
         into our processing list that we never received; put them back in the queue."""
         held = list(self._held.elements())
-        moved = await self._redis(partial(self.queue.reconcile, held), "reconcile", "fetch")
+        moved = await self.queue.reconcile(held)
         if moved:
             logger.warning("returned %d event(s) fetched during a Redis error to the queue", moved)
 
     # ================================================================== lanes
     async def _lane(self, index: int) -> None:
+        running_as("lanes")
         while True:
             job = await self._work.get()
             if job is None:
                 return
             self._inflight += 1
             self.metrics.inflight.set(self._inflight)
-            self.deliverer.begin(index)
             try:
                 if job.epoch != self._epoch:
                     # fetched before another worker took this one for dead and returned its
                     # events to the queue: not ours any more (the other worker has them)
-                    logger.warning("lane %d: dropping a job fetched before this worker was "
-                                   "taken for dead; its events are back in the queue", index)  # fmt: skip
+                    logger.warning(
+                        "lane %d: dropping a job fetched before this worker was taken for "
+                        "dead; its events are back in the queue",
+                        index,
+                    )
                 elif isinstance(job, _EventJob):
                     await self.deliverer.handle(index, job.raw, job.fetched_at)
                 else:
                     await self.deliverer.handle_digest(index, job.group, job.raws)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                # A bug must not take the lane down, nor lose or loop on the event: it goes
-                # to the dead letters with the error (replayable once the bug is fixed).
-                logger.exception("lane %d: unexpected error; dead-lettering the event", index)
-                raws = [job.raw] if isinstance(job, _EventJob) else job.raws
-                for raw in raws:
-                    await self.deliverer.bury_internal(index, raw, exc)
+            except Exception:
+                # The deliverer dead-letters what a bug hits; this is settling itself failing
+                # (Redis refusing for good): the event stays in processing and goes back to
+                # the queue with the rest at the stop.
+                logger.exception("lane %d: could not settle an event", index)
             finally:
                 for raw in (job.raw,) if isinstance(job, _EventJob) else job.raws:
                     self._held[raw] -= 1
@@ -472,13 +400,14 @@ class Worker:
 
     # ================================================================== scheduler, keeper
     async def _scheduler_loop(self) -> None:
+        running_as("scheduler")
         while not self._stop.is_set():
             self.monitor.beat("scheduler")
-            moved = await self._redis(self.queue.schedule, "schedule", "scheduler")
+            moved = await self.queue.schedule()
             if moved:
                 logger.debug("scheduler: %d retry(ies) due, back in the queue", moved)
                 continue
-            nxt = await self._redis(self.queue.next_due, "schedule", "scheduler")
+            nxt = await self.queue.next_due()
             wait = self._tick if nxt is None else min(self._tick, max(0.0, nxt - time.time()))
             self._retry_added.clear()
             with contextlib.suppress(TimeoutError):
@@ -486,15 +415,16 @@ class Worker:
 
     async def _digest_loop(self) -> None:
         """Hand due digest groups to a lane (several workers: each group goes to one)."""
+        running_as("digests")
         while not self._stop.is_set():
-            nxt = await self._redis(self.queue.next_digest_due, "digests")
+            nxt = await self.queue.next_digest_due()
             if nxt is None or nxt > time.time():
                 wait = self._tick if nxt is None else min(self._tick, max(0.01, nxt - time.time()))
                 await asyncio.sleep(wait)
                 continue
             await self._free.acquire()
             try:
-                taken = await self._redis(self.queue.take_digest, "digests")
+                taken = await self.queue.take_digest()
             except BaseException:
                 self._free.release()
                 raise
@@ -508,13 +438,12 @@ class Worker:
         """Renew the heartbeat every quarter TTL, on its own so that nothing else (a keeper
         step waiting for a full Redis) delays it, and until cancelled: in-flight sends that
         finish during a graceful stop are still this worker's."""
+        running_as("heartbeat")
         period = min(max(0.25, self.settings.heartbeat_ttl_s / 4), self._tick)
+        self.guard.urgent_delay_s = period  # a heartbeat retried no less often than it is due
         while True:
             self.monitor.beat("heartbeat")
-            registered = await self._redis(
-                lambda: self.queue.heartbeat(self._info()), "heartbeat", "heartbeat",
-                max_delay=period,
-            )  # fmt: skip
+            registered = await self.queue.heartbeat(self._info())
             if not registered:
                 self._epoch += 1
                 logger.error(
@@ -524,16 +453,17 @@ class Worker:
             await asyncio.sleep(period)
 
     async def _keeper_loop(self) -> None:
+        running_as("keeper")
         period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
         while not self._stop.is_set():
             self.monitor.beat("keeper")
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
             await self._warn_foreign_queues()
-            moved = await self._redis(self.queue.recover, "recover", "keeper")
+            moved = await self.queue.recover()
             for wid, n in moved.items():
                 logger.warning("worker %s stopped heartbeating: returned its %d event(s)", wid, n)
-            d = await self._redis(self.queue.depths, "depths", "keeper")
+            d = await self.queue.depths()
             m = self.metrics
             m.queue_depth.set(d.queue)
             m.retry_depth.set(d.retry)
@@ -554,7 +484,7 @@ class Worker:
         if now - self._foreign_checked < FOREIGN_QUEUE_CHECK_S:
             return
         self._foreign_checked = now
-        found = await self._redis(self.queue.foreign_queues, "scan", "keeper")
+        found = await self.queue.foreign_queues()
         for key, n in found.items():
             prefix = key.rsplit(":", 1)[0]
             logger.warning(
@@ -580,12 +510,14 @@ class Worker:
 
     def _info(self) -> dict[str, Any]:
         return {
-            "pid": os.getpid(), "nonce": self.queue.nonce, "started": self.started_at,
+            "pid": os.getpid(),
+            "nonce": self.queue.nonce,
+            "started": self.started_at,
             "lanes": self.settings.concurrency,
             "sent": self.counts.get("sent", 0),
             "paused": self.accounts[0].mailer.paused_reason,
             "accounts": {a.name: a.describe() for a in self.accounts},
-        }  # fmt: skip
+        }
 
     def _status(self) -> str:
         c = self.counts

@@ -21,6 +21,7 @@ import socket
 import ssl
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -40,6 +41,7 @@ from producer.event import check_addresses, valid_address
 from producer.redis_errors import redacted_url
 
 from .errors import NotifierError
+from .smtp_fast import default_helo_name, helo_name_problem
 
 __all__ = [
     "PROVIDERS",
@@ -67,31 +69,46 @@ STRICT_SENDER_PROVIDERS = ("qq", "163", "126", "exmail", "gmail")
 TlsMode = Literal["ssl", "starttls", "none"]
 
 
+@dataclass(frozen=True, slots=True)
 class Provider:
     """A preset: where the provider's submission server is and what it allows."""
 
-    def __init__(self, host: str, port: int, tls: TlsMode, per_minute: int, note: str) -> None:
-        self.host, self.port, self.tls, self.per_minute, self.note = (
-            host,
-            port,
-            tls,
-            per_minute,
-            note,
-        )
+    host: str
+    port: int
+    tls: TlsMode
+    per_minute: int  # a conservative published or observed limit for personal accounts
+    note: str
 
 
-# Rates are conservative published or observed limits for personal accounts.
+_AUTH_CODE = "password = authorization code (授权码), enable SMTP in settings"
 PROVIDERS: dict[str, Provider] = {
-    "qq": Provider("smtp.qq.com", 465, "ssl", 20,
-                   "password = 16-character authorization code (授权码), enable SMTP in settings"),
-    "163": Provider("smtp.163.com", 465, "ssl", 15,
-                    "password = authorization code (授权码), enable SMTP in settings"),
-    "126": Provider("smtp.126.com", 465, "ssl", 15,
-                    "password = authorization code (授权码), enable SMTP in settings"),
-    "exmail": Provider("smtp.exmail.qq.com", 465, "ssl", 60, "Tencent business mail"),
-    "gmail": Provider("smtp.gmail.com", 465, "ssl", 20, "password = Google app password"),
-    "outlook": Provider("smtp.office365.com", 587, "starttls", 30, "Microsoft 365 / Outlook.com"),
-}  # fmt: skip
+    "qq": Provider(
+        host="smtp.qq.com",
+        port=465,
+        tls="ssl",
+        per_minute=20,
+        note="password = 16-character authorization code (授权码), enable SMTP in settings",
+    ),
+    "163": Provider(host="smtp.163.com", port=465, tls="ssl", per_minute=15, note=_AUTH_CODE),
+    "126": Provider(host="smtp.126.com", port=465, tls="ssl", per_minute=15, note=_AUTH_CODE),
+    "exmail": Provider(
+        host="smtp.exmail.qq.com", port=465, tls="ssl", per_minute=60, note="Tencent business mail"
+    ),
+    "gmail": Provider(
+        host="smtp.gmail.com",
+        port=465,
+        tls="ssl",
+        per_minute=20,
+        note="password = Google app password",
+    ),
+    "outlook": Provider(
+        host="smtp.office365.com",
+        port=587,
+        tls="starttls",
+        per_minute=30,
+        note="Microsoft 365 / Outlook.com",
+    ),
+}
 
 
 class SettingsError(NotifierError, ValueError):
@@ -180,6 +197,8 @@ class Settings(BaseSettings):
     smtp_idle_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     smtp_max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
     smtp_esmtp_mode: Literal["auto", "chunking", "pipelining", "sequential"] = "auto"
+    # The EHLO name (default: this host's FQDN, else MAIL_FROM's domain; never localhost).
+    smtp_helo_name: str | None = None
     # Messages per minute this account may send (None: the provider preset's; 0: no limit).
     smtp_rate_per_minute: Annotated[int, Field(ge=0)] | None = None
     # The limit's window: RATE_PER_MINUTE sends in any RATE_WINDOW_S seconds (60 = per minute).
@@ -316,6 +335,14 @@ class Settings(BaseSettings):
         # Kept readable (RFC 2047 encoding is compose.py's job, at the header).
         return str(Address(display_name=name, addr_spec=address)) if name else address
 
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo(cls, v: str | None) -> str | None:
+        problem = None if v is None else helo_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("smtp_provider")
     @classmethod
     def _provider(cls, v: str | None) -> str | None:
@@ -342,6 +369,8 @@ class Settings(BaseSettings):
             )
         if self.mail_from is None and self.smtp_username and valid_address(self.smtp_username):
             self.mail_from = self.smtp_username
+        if self.smtp_helo_name is None:
+            self.smtp_helo_name = default_helo_name(self.mail_from)
         if self.retry_max_s < self.retry_base_s:
             raise ValueError("NOTIFIER_RETRY_MAX_S must be at least NOTIFIER_RETRY_BASE_S")
         if not self.worker_id:
@@ -476,13 +505,21 @@ def _read_password(path: Path | None, credential: str) -> SecretStr | None:
 
 
 _ACCOUNT_FIELDS = {
-    "provider": "smtp_provider", "host": "smtp_host", "port": "smtp_port", "tls": "smtp_tls",
-    "username": "smtp_username", "password": "smtp_password",
-    "password_file": "smtp_password_file", "validate_certs": "smtp_validate_certs",
-    "ca_file": "smtp_ca_file", "rate_per_minute": "smtp_rate_per_minute",
-    "mail_from": "mail_from", "name": "smtp_account_name", "timeout_s": "smtp_timeout_s",
+    "provider": "smtp_provider",
+    "host": "smtp_host",
+    "port": "smtp_port",
+    "tls": "smtp_tls",
+    "username": "smtp_username",
+    "password": "smtp_password",
+    "password_file": "smtp_password_file",
+    "validate_certs": "smtp_validate_certs",
+    "ca_file": "smtp_ca_file",
+    "rate_per_minute": "smtp_rate_per_minute",
+    "mail_from": "mail_from",
+    "name": "smtp_account_name",
+    "timeout_s": "smtp_timeout_s",
     "rate_window_s": "smtp_rate_window_s",
-}  # fmt: skip
+}
 
 
 def _load_accounts(base: Settings, path: Path) -> list[Settings]:
@@ -504,8 +541,16 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
         fields = base.model_dump(exclude={"accounts_file", "routes_file"})
         # explicit None: left out, they would be read again from NOTIFIER_* in the environment
         fields["accounts_file"] = fields["routes_file"] = None
-        for key in ("smtp_host", "smtp_port", "smtp_tls", "smtp_username", "smtp_password",
-                    "smtp_password_file", "smtp_rate_per_minute", "smtp_provider"):  # fmt: skip
+        for key in (
+            "smtp_host",
+            "smtp_port",
+            "smtp_tls",
+            "smtp_username",
+            "smtp_password",
+            "smtp_password_file",
+            "smtp_rate_per_minute",
+            "smtp_provider",
+        ):
             fields[key] = None
         fields["mail_from"] = None
         fields["smtp_account_name"] = name

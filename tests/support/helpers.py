@@ -40,13 +40,10 @@ import redis.asyncio as aredis
 
 from producer.event import Event, parse_event
 from producer.keys import Keys
-from worker.accounts import Account
-from worker.compose import Composer
-from worker.deliver import Deliverer, Outcome
+from worker.core import build_core
 from worker.devtools.smtp_server import Received, SMTPTestServer
-from worker.metrics import Metrics
-from worker.queue import Queue
 from worker.settings import Settings
+from worker.settle import Outcome
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAIL_FROM = "量化提醒 <alerts@example.com>"
@@ -396,10 +393,6 @@ def settings_for(redis_url: str, smtp: SMTPTestServer | None = None, **fields: A
     return settings_from(**base)
 
 
-async def _guard(op: Callable[[], Any], what: str) -> Any:
-    return await op()
-
-
 class Rig:
     """One Deliverer with its Queue, accounts and recorded outcomes (no worker loops); the
     ``make_rig`` fixture makes them."""
@@ -408,15 +401,13 @@ class Rig:
         self.settings = settings
         self.redis = client
         self.clock = clock
-        self.queue = Queue(client, KEYS, settings.worker_id)
-        self.accounts = [Account(a, i) for i, a in enumerate(settings.accounts())]
-        assert settings.mail_from is not None
-        self.composer = Composer(mail_from=settings.mail_from, thread_by_day=settings.thread_by_day)
         self.outcomes: list[Outcome] = []
-        self.deliverer = Deliverer(
-            settings, self.queue, self.accounts, self.composer, Metrics(1.0), _guard,
-            on_outcome=self.outcomes.append,
-        )  # fmt: skip
+        self.core = build_core(settings, redis=client, clock=clock, on_outcome=self.outcomes.append)
+        self.queue = self.core.queue
+        self.accounts = self.core.accounts
+        self.composer = self.core.composer
+        self.metrics = self.core.metrics
+        self.deliverer = self.core.deliverer
 
     def now(self) -> float:
         return self.clock.time() if self.clock else time.time()

@@ -1,0 +1,96 @@
+"""Waiting out Redis: one guard around every operation of :class:`worker.queue.Queue`.
+
+An operation that fails because Redis is down, loading, full (OOM), failing to persist
+(MISCONF), a replica (READONLY) or in an election is retried with back-off until it works,
+logged once per outage with what Redis said and what to do, and once more when Redis is
+back. Anything else Redis answers (a script error, NOPERM) is a bug or a permission problem
+and is raised. The loop that waits stays alive for the systemd watchdog: each task names
+itself with :func:`running_as` and the guard beats for it while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import TypeVar
+
+from redis.exceptions import MasterDownError, RedisError, TryAgainError
+
+from producer.redis_errors import RedisProblem, classify_redis_error, explain_redis_error
+
+__all__ = ["REDIS_ERRORS", "RedisGuard", "running_as"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_PERMANENT = frozenset({RedisProblem.OTHER, RedisProblem.NO_PERMISSION})
+_DOWN = frozenset({RedisProblem.UNREACHABLE, RedisProblem.HOST_NOT_FOUND, RedisProblem.TIMEOUT})
+_LOOP: ContextVar[str | None] = ContextVar("notifier_loop", default=None)
+
+
+def running_as(loop: str) -> None:
+    """Name the current task's loop (for the watchdog beats while it waits for Redis)."""
+    _LOOP.set(loop)
+
+
+def waits_out(exc: BaseException) -> bool:
+    """Will waiting fix it (Redis down, loading, full, not persisting, a replica)?"""
+    if isinstance(exc, MasterDownError | TryAgainError):
+        return True
+    return classify_redis_error(exc) not in _PERMANENT
+
+
+class RedisGuard:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        beat: Callable[[str], None] | None = None,
+        max_delay_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis_url = redis_url
+        self._beat = beat
+        self.max_delay_s = max_delay_s
+        self.urgent_delay_s = max_delay_s  # the heartbeat's cap (a quarter of its TTL)
+        self._clock = clock
+        self.errors = 0  # operations that failed and were retried (fetch reconciles on it)
+        self._down_since: float | None = None
+
+    async def __call__(
+        self, op: Callable[[], Awaitable[T]], what: str, *, urgent: bool = False
+    ) -> T:
+        delay = 0.2
+        cap = self.urgent_delay_s if urgent else self.max_delay_s
+        loop = _LOOP.get()
+        while True:
+            if loop is not None and self._beat is not None:
+                self._beat(loop)
+            try:
+                result = await op()
+            except REDIS_ERRORS as exc:
+                if not waits_out(exc):
+                    raise
+                self.errors += 1
+                if self._down_since is None:
+                    self._down_since = self._clock()
+                    self._log(exc, what)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+                continue
+            if self._down_since is not None:
+                logger.warning(
+                    "Redis reachable again after %.1f s", self._clock() - self._down_since
+                )
+                self._down_since = None
+            return result
+
+    def _log(self, exc: BaseException, what: str) -> None:
+        text = explain_redis_error(exc, self.redis_url)
+        if classify_redis_error(exc) in _DOWN:
+            logger.error("Redis unreachable during %s: %s; retrying", what, text)
+        else:
+            logger.error("Redis refused %s: %s; retrying until it accepts it", what, text)

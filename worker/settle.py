@@ -1,0 +1,425 @@
+"""Decide, then settle: how handling an event ends, and the one place that records it.
+
+Handling an event (:mod:`worker.deliver`) ends in exactly one typed decision::
+
+    Sent        accepted by a channel (a retry of its own for refused recipients, if any)
+    Retry       not now: back-off, throttle, or another copy of the id is being sent
+    Dead        never: invalid, refused for good, out of attempts, expired, a bug
+    Hold        the channel's rate limit is reached: held for a digest
+    Requeue     back to the queue unchanged (every account paused, or this worker fenced)
+    Suppressed  a repeat inside its dedup window
+    Duplicate   already delivered (the sent mark)
+
+and a digest ends in :class:`DigestSent` (or a :class:`Hold` again). :class:`Settler`
+applies a decision: the one atomic Redis step (:class:`worker.queue.Queue`), the delivery
+record written in that step (:class:`worker.records.DeliveryRecord`), the Prometheus
+metrics, the worker's counts, the log line and the ``on_outcome`` hook. Nothing else writes
+any of them, so no way out of a handling can skip part of the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.event import Event
+
+from .metrics import Metrics
+from .queue import Claim, Queue
+from .records import DeliveryRecord, Status
+
+__all__ = [
+    "Dead",
+    "Decision",
+    "DigestSent",
+    "Duplicate",
+    "Handling",
+    "Hold",
+    "Outcome",
+    "Receipt",
+    "Requeue",
+    "Retry",
+    "Sent",
+    "Settler",
+    "Suppressed",
+]
+
+# One line per outcome, under the logger name those lines have always had (log filters and
+# dashboards select on it).
+logger = logging.getLogger("worker.deliver")
+MAX_DEAD_TEXT = 1024 * 1024  # keep at most this much of a rejected event's text
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one event (passed to ``on_outcome`` hooks, e.g. the demo)."""
+
+    status: Status
+    event_id: str
+    subject: str = ""
+    recipients: list[str] = field(default_factory=list)
+    latency: float = 0.0
+    queue_wait: float = 0.0
+    smtp: float = 0.0
+    reason: str = ""
+    error: str = ""
+    attempts: int = 0
+    account: str = ""
+
+
+@dataclass(slots=True)
+class Handling:
+    """One event as a lane handles it, with what was worked out about it. ``event`` is None
+    (and ``id`` may be empty) when it could not be parsed."""
+
+    raw: bytes
+    id: str
+    fetched_at: float
+    event: Event | None = None
+    claim: Claim | None = None
+    first_seen: float = 0.0
+    produced: float = 0.0
+    recipients: list[str] = field(default_factory=list)
+    digest: bool = True
+    window_s: float = 0.0
+
+    @property
+    def attempts(self) -> int:
+        return self.event.attempts if self.event is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a channel says about a send it completed."""
+
+    channel: str
+    mode: str
+    send_s: float
+    connect_s: float = 0.0
+    refused: dict[str, str] = field(default_factory=dict)  # recipient -> reply
+    via_failover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    receipt: Receipt
+    subject: str
+    retry_refused: str | None = None  # the event text for the refused recipients
+    retry_due: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    reason: str  # transient | throttled | in-flight
+    error: str
+    due: float
+    again: str  # the event text to retry (attempts and last error in its _meta)
+    attempts: int
+    subject: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    reason: str  # invalid | permanent | exhausted | expired | internal
+    error: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    group: str
+    due: float
+    channel: str
+    per_minute: int
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    reason: str  # configuration | fenced
+    error: str = ""
+    subject: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Suppressed:
+    count: int
+    dedup_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DigestSent:
+    receipt: Receipt
+    subject: str
+    message_id: str
+    home: str  # the account whose rate limit held the events
+    per_minute: int
+
+
+Decision = Sent | Retry | Dead | Hold | Requeue | Suppressed | Duplicate
+
+
+def _text(raw: bytes) -> str:
+    return raw[:MAX_DEAD_TEXT].decode("utf-8", "backslashreplace")
+
+
+class Settler:
+    def __init__(
+        self,
+        queue: Queue,
+        metrics: Metrics,
+        *,
+        latency_target_s: float,
+        max_attempts: int = 8,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        on_retry: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.metrics = metrics
+        self.target = latency_target_s
+        self.max_attempts = max_attempts
+        self.on_outcome = on_outcome
+        self.on_retry = on_retry
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+
+    # ================================================================== one event
+    async def settle(self, h: Handling, d: Decision) -> None:
+        now = self.clock()
+        match d:
+            case Sent():
+                await self._sent(h, d, now)
+            case Retry():
+                await self._retry(h, d, now)
+            case Dead():
+                await self._dead(h, d, now)
+            case Hold():
+                await self._hold([h], d, now)
+            case Requeue():
+                rec = DeliveryRecord(now, Status.REQUEUED, h.id, reason=d.reason)
+                await self.queue.requeue(h.raw, rec, h.claim)
+                self.metrics.requeued.labels(d.reason).inc()
+                if d.reason == "fenced":
+                    logger.warning(
+                        "not sending %s: this worker's heartbeat was not renewed (%.1f s of its "
+                        "lease left); back to the queue",
+                        h.id,
+                        max(0.0, self.queue.lease_left()),
+                    )
+                else:
+                    logger.info("requeued %s (%s): %s", h.id, d.reason, d.error)
+                self._done(
+                    Outcome(Status.REQUEUED, h.id, d.subject, reason=d.reason, error=d.error)
+                )
+            case Suppressed():
+                rec = DeliveryRecord(now, Status.SUPPRESSED, h.id)
+                await self.queue.drop(h.raw, rec, h.claim)
+                self.metrics.suppressed.inc()
+                logger.info(
+                    "suppressed %s: repeat %d of %r in its window", h.id, d.count, d.dedup_key
+                )
+                self._done(Outcome(Status.SUPPRESSED, h.id, attempts=d.count))
+            case Duplicate():
+                rec = DeliveryRecord(now, Status.DUPLICATE, h.id)
+                await self.queue.drop(h.raw, rec)
+                self.metrics.duplicates.inc()
+                logger.info("duplicate %s: already delivered, dropped", h.id)
+                self._done(Outcome(Status.DUPLICATE, h.id))
+
+    async def _sent(self, h: Handling, d: Sent, now: float) -> None:
+        r = d.receipt
+        latency = max(0.0, now - h.produced)
+        queue_wait = max(0.0, h.fetched_at - h.produced)
+        rec = DeliveryRecord(
+            now,
+            Status.SENT,
+            h.id,
+            latency_s=latency,
+            queue_wait_s=queue_wait,
+            send_s=r.send_s,
+            mode=r.mode,
+            channel=r.channel,
+        )
+        assert h.claim is not None  # a send always follows a claim
+        if d.retry_refused is not None:
+            await self.queue.split(h.raw, h.claim, rec, d.retry_refused, d.retry_due)
+            self.metrics.retried.labels("refused").inc()
+            self.counts["retry"] += 1
+            logger.warning("event %s: recipients refused: %s", h.id, r.refused)
+            self._wake()
+        else:
+            await self.queue.ack(h.raw, h.claim, rec)
+        self.metrics.observe_delivery(latency, queue_wait, r.send_s)
+        args = (
+            h.id,
+            ",".join(h.recipients),
+            latency * 1000,
+            queue_wait * 1000,
+            r.send_s * 1000,
+            f", reconnect {r.connect_s * 1000:.0f} ms" if r.connect_s else "",
+            r.mode,
+            f", via {r.channel}" if r.via_failover else "",
+            d.subject,
+        )
+        line = "sent %s to %s in %.0f ms (queue %.0f ms, smtp %.0f ms%s, %s%s): %s"
+        if latency > self.target:
+            logger.warning("SLOW " + line, *args)
+        else:
+            logger.info(line, *args)
+        self._done(
+            Outcome(
+                Status.SENT,
+                h.id,
+                d.subject,
+                list(h.recipients),
+                latency,
+                queue_wait,
+                r.send_s,
+                attempts=h.attempts + 1,
+                account=r.channel,
+            )
+        )
+
+    async def _retry(self, h: Handling, d: Retry, now: float) -> None:
+        rec = DeliveryRecord(now, Status.RETRY, h.id, reason=d.reason)
+        await self.queue.retry(h.raw, d.again, d.due, rec, h.claim)
+        self.metrics.retried.labels(d.reason).inc()
+        self._wake()
+        level = logging.INFO if d.reason == "in-flight" else logging.WARNING
+        logger.log(
+            level,
+            "retry %s in %.1f s (%s, attempt %d of %d): %s",
+            h.id,
+            max(0.0, d.due - now),
+            d.reason,
+            d.attempts,
+            self.max_attempts,
+            d.error,
+        )
+        self._done(
+            Outcome(
+                Status.RETRY, h.id, d.subject, reason=d.reason, error=d.error, attempts=d.attempts
+            )
+        )
+
+    async def _dead(self, h: Handling, d: Dead, now: float) -> None:
+        letter: dict[str, Any] = {
+            "event": _text(h.raw),
+            "id": h.id,
+            "reason": d.reason,
+            "error": d.error,
+            "attempts": d.attempts,
+            "failed_at": now,
+            "worker": self.queue.worker_id,
+        }
+        if len(h.raw) > MAX_DEAD_TEXT:
+            letter["event_bytes"] = len(h.raw)
+            letter["event_truncated"] = True
+        rec = DeliveryRecord(now, Status.DEAD, h.id, reason=d.reason)
+        if not await self.queue.bury(h.raw, letter, rec, h.claim):
+            # no longer ours (returned to the queue while this worker was taken for dead):
+            # the worker that holds it now settles it
+            logger.warning(
+                "event %s was returned to the queue meanwhile: not dead-lettered here",
+                h.id or "<no id>",
+            )
+            return
+        self.metrics.dead.labels(d.reason).inc()
+        logger.error("dead letter %s (%s): %s", h.id or "<no id>", d.reason, d.error)
+        self._done(Outcome(Status.DEAD, h.id, reason=d.reason, error=d.error, attempts=d.attempts))
+
+    # ================================================================== several events
+    async def hold(self, hs: Sequence[Handling], d: Hold) -> None:
+        """Hold events (one, or a digest's that could not go yet) for a digest."""
+        await self._hold(hs, d, self.clock())
+
+    async def _hold(self, hs: Sequence[Handling], d: Hold, now: float) -> None:
+        rec = DeliveryRecord(now, Status.HELD, hs[0].id, count=len(hs), channel=d.channel)
+        await self.queue.hold(d.group, [h.raw for h in hs], d.due, rec)
+        await self.queue.release([h.claim for h in hs if h.claim is not None])
+        self.metrics.held.inc(len(hs))
+        ids = ", ".join(h.id for h in hs[:10]) + (", ..." if len(hs) > 10 else "")
+        logger.info(
+            "rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s: %s",
+            d.channel,
+            d.per_minute,
+            len(hs),
+            max(0.0, d.due - now),
+            ids,
+        )
+        for h in hs:
+            self._done(Outcome(Status.HELD, h.id, account=d.channel))
+
+    async def digest_sent(self, hs: Sequence[Handling], d: DigestSent) -> None:
+        now = self.clock()
+        r = d.receipt
+        latencies = [max(0.0, now - h.produced) for h in hs]
+        rec = DeliveryRecord(
+            now,
+            Status.DIGEST,
+            d.message_id,
+            send_s=r.send_s,
+            mode=r.mode,
+            channel=r.channel,
+            count=len(hs),
+            latencies=tuple(latencies),
+        )
+        claims = [h.claim for h in hs if h.claim is not None]
+        await self.queue.ack_digest([h.raw for h in hs], claims, rec)
+        for h, latency in zip(hs, latencies, strict=True):
+            self.metrics.observe_delivery(latency, max(0.0, h.fetched_at - h.produced), r.send_s)
+            self._done(
+                Outcome(
+                    Status.DIGEST,
+                    h.id,
+                    d.subject,
+                    list(h.recipients),
+                    latency,
+                    0.0,
+                    r.send_s,
+                    account=r.channel,
+                )
+            )
+        self.metrics.digests.inc()
+        logger.info(
+            "digest of %d event(s) sent to %s via %s: %s",
+            len(hs),
+            ",".join(hs[0].recipients),
+            r.channel,
+            d.subject,
+        )
+        slow = [(h, x) for h, x in zip(hs, latencies, strict=True) if x > self.target]
+        if slow:  # the cost of the rate limit, visible where slow single mails are
+            ids = ", ".join(h.id for h, _ in slow[:10]) + (", ..." if len(slow) > 10 else "")
+            logger.warning(
+                "SLOW %d held event(s) delivered in a digest up to %.1f s after they were "
+                "produced (rate limit of %s (%d/min)): %s",
+                len(slow),
+                max(x for _, x in slow),
+                d.home,
+                d.per_minute,
+                ids,
+            )
+
+    # ================================================================== helpers
+    def _wake(self) -> None:
+        if self.on_retry is not None:
+            self.on_retry()
+
+    def _done(self, outcome: Outcome) -> None:
+        # an event delivered in a digest is a sent event in the worker's counts
+        self.counts["sent" if outcome.status is Status.DIGEST else outcome.status.value] += 1
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:
+                logger.exception("on_outcome hook failed")
