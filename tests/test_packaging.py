@@ -69,11 +69,18 @@ def _dev_only_entries() -> tuple[set[str], set[str]]:
 
 
 def _copy_source(dest: Path) -> Path:
-    """What deploy/install.sh builds from: the project without VCS, venv, build or caches."""
+    """The project without VCS, venv, build or caches, but with the ``notifier.egg-info`` an
+    older build of a checkout leaves behind: its SOURCES.txt lists the test servers, and
+    setuptools reads it back (as a plugin like setuptools-scm would list every tracked file).
+    """
     ignore = shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
     )
     shutil.copytree(REPO, dest, ignore=ignore)
+    sources = sorted(str(p.relative_to(dest)) for p in dest.glob("worker/**/*.py"))
+    assert "worker/devtools/smtp_server.py" in sources
+    (dest / "notifier.egg-info").mkdir()
+    (dest / "notifier.egg-info" / "SOURCES.txt").write_text("\n".join(sources) + "\n")
     return dest
 
 
