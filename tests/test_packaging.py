@@ -274,3 +274,17 @@ print(worker.bench.lab.__file__)
         str(built["src"] / "worker" / "devtools" / "redis_server.py"),
         str(built["src"] / "worker" / "bench" / "lab.py"),
     ]
+
+
+def test_demo_runs_from_the_checkout() -> None:
+    """`make demo` (= `notifier demo` in the editable install): the whole pipeline still runs."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--events", "6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 mails received by the sink; dead letters: 1 (the malformed event)" in proc.stdout
+    assert "100.0% within 1 s" in proc.stdout
