@@ -18,7 +18,7 @@ from typing import Any
 from .errors import ConfigurationError, SendError, ThrottledError, TransientError
 from .mailer import Mailer
 from .retry import Cooldown
-from .settings import Settings
+from .settings import Settings, SmtpAccount
 
 __all__ = ["Account"]
 
@@ -29,11 +29,12 @@ DOWN_MAX_S = 30.0  # probe a down server at least this often: alerts cannot wait
 
 
 class Account:
-    def __init__(self, settings: Settings, priority: int) -> None:
+    def __init__(self, settings: SmtpAccount, priority: int, *, delivery: Settings) -> None:
         self.settings = settings
+        self.delivery = delivery  # the back-off settings, shared by every account
         self.priority = priority
         self.name = settings.smtp_account_name
-        self.mailer = Mailer(settings)
+        self.mailer = Mailer(settings, lanes=delivery.concurrency)
         self.per_minute = settings.smtp_rate_per_minute or 0
         self.window_s = settings.smtp_rate_window_s
         self.sender = settings.mail_from or ""
@@ -68,15 +69,15 @@ class Account:
             self._set("paused", str(err))
             return
         if isinstance(err, ThrottledError):
-            delay = self._cooldown.trip(base=self.settings.throttle_base_s,
-                                        cap=max(self.settings.retry_max_s,
-                                                self.settings.throttle_base_s))  # fmt: skip
+            delay = self._cooldown.trip(base=self.delivery.throttle_base_s,
+                                        cap=max(self.delivery.retry_max_s,
+                                                self.delivery.throttle_base_s))  # fmt: skip
             self._set("throttled", str(err) if delay is None
                       else f"{err} (cooling down {delay:.0f} s)")  # fmt: skip
         elif isinstance(err, TransientError) and err.code is None:
             # no reply at all: cannot connect, disconnected, timed out -> the account is down
-            delay = self._cooldown.trip(base=min(DOWN_BASE_S, self.settings.retry_base_s),
-                                        cap=min(DOWN_MAX_S, self.settings.retry_max_s))  # fmt: skip
+            delay = self._cooldown.trip(base=min(DOWN_BASE_S, self.delivery.retry_base_s),
+                                        cap=min(DOWN_MAX_S, self.delivery.retry_max_s))  # fmt: skip
             if delay is not None:
                 self._set("down", f"{err} (retrying in {delay:.1f} s)")
 

@@ -497,7 +497,8 @@ async def _send_test(args: argparse.Namespace) -> int:
         }
     )
     data = message_bytes(composer.compose(event, event_id=event.id or "", recipients=[to]))
-    conn = Connection(s, tls_context(s) if s.smtp_tls != "none" else None)
+    account = s.primary_account()
+    conn = Connection(account, tls_context(account) if s.smtp_tls != "none" else None)
     try:
         t0 = time.perf_counter()
         t = await conn.open()

@@ -79,7 +79,7 @@ def build_core(
         clock=clock.monotonic,
         guard=guard,
     )
-    accounts = [Account(a, i) for i, a in enumerate(settings.accounts())]
+    accounts = [Account(a, i, delivery=settings) for i, a in enumerate(settings.accounts())]
     assert settings.mail_from is not None  # required by Settings.require_mail()
     composer = Composer(
         mail_from=settings.mail_from,

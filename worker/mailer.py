@@ -36,8 +36,14 @@ from .errors import (
     TransientError,
 )
 from .retry import Cooldown
-from .settings import Settings
-from .smtp_fast import FastSMTP, TransactResult
+from .settings import SmtpAccount
+from .smtp_fast import (
+    FastSMTP,
+    SMTPConnectionRefused,
+    SMTPHostNotFound,
+    SMTPWrongTLSMode,
+    TransactResult,
+)
 
 __all__ = [
     "THROTTLE_RULES",
@@ -129,10 +135,40 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return False
 
 
+def _connect_error(exc: BaseException) -> SendError | None:
+    """A connection setting that is wrong, in one line with the fix (see README "When a
+    setting is wrong"). Nobody listening and DNS not answering may pass (a restart, an
+    outage): transient, the account is down and retried; the rest is configuration."""
+    if isinstance(exc, SMTPWrongTLSMode):
+        if exc.server_speaks == "tls":
+            return ConfigurationError(
+                f"port {exc.port} speaks implicit TLS",
+                hint="set NOTIFIER_SMTP_TLS=ssl, or NOTIFIER_SMTP_PORT=587 for starttls",
+            )
+        return ConfigurationError(
+            f"port {exc.port} speaks plain SMTP/STARTTLS",
+            hint="set NOTIFIER_SMTP_TLS=starttls, or NOTIFIER_SMTP_PORT=465 for ssl",
+        )
+    if isinstance(exc, SMTPConnectionRefused):
+        return TransientError(
+            f"connection refused on {exc.hostname}:{exc.port}",
+            hint="is the SMTP server running / is NOTIFIER_SMTP_PORT right?",
+        )
+    if isinstance(exc, SMTPHostNotFound):
+        message = f"cannot resolve NOTIFIER_SMTP_HOST={exc.hostname}: {exc.detail}"
+        if exc.temporary:
+            return TransientError(message, hint="check this host's network and DNS resolver")
+        return ConfigurationError(message, hint="check the name, or use NOTIFIER_SMTP_PROVIDER")
+    return None
+
+
 def classify(exc: BaseException, provider: str | None = None) -> SendError:
     """Map any exception from a connect, login or send into a SendError subclass."""
     if isinstance(exc, SendError):
         return exc
+    connecting = _connect_error(exc)
+    if connecting is not None:
+        return connecting
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         return ConfigurationError(
             exc.message, code=exc.code,
@@ -220,7 +256,7 @@ class ConnectTiming:
     login: float = 0.0
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
+def tls_context(settings: SmtpAccount) -> ssl.SSLContext:
     ctx = ssl.create_default_context(
         cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
     )
@@ -233,7 +269,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 class Connection:
     """One lane's SMTP connection: opened on demand, kept warm, reused."""
 
-    def __init__(self, settings: Settings, ssl_ctx: ssl.SSLContext | None, name: str = "") -> None:
+    def __init__(
+        self, settings: SmtpAccount, ssl_ctx: ssl.SSLContext | None, name: str = ""
+    ) -> None:
         self.settings = settings
         self.name = name
         self._ssl = ssl_ctx
@@ -255,6 +293,7 @@ class Connection:
             start_tls=False,
             tls_context=self._ssl if s.smtp_tls != "none" else None,
             timeout=s.smtp_timeout_s,
+            local_hostname=s.smtp_helo_name,
         )
         if s.smtp_esmtp_mode != "auto":
             client.esmtp_mode = s.smtp_esmtp_mode
@@ -390,11 +429,11 @@ class Mailer:
     PAUSE_MIN_S = 5.0
     PAUSE_MAX_S = 300.0
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SmtpAccount, *, lanes: int) -> None:
         self.settings = settings
         ctx = tls_context(settings) if settings.smtp_tls != "none" else None
         self.connections = [
-            Connection(settings, ctx, name=str(i)) for i in range(settings.concurrency)
+            Connection(settings, ctx, name=str(i)) for i in range(lanes)
         ]
         self.paused_reason: str | None = None
         self._pause = Cooldown(lambda: time.monotonic())  # read at each call (tests fake it)

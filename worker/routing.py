@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from producer.event import Event, Severity, check_addresses
 
-from .settings import read_toml
+from .settings import first_error, read_toml
 
 __all__ = ["Route", "Routes", "load_routes"]
 
@@ -104,9 +104,7 @@ def load_routes(path: Path, allowed: frozenset[str]) -> Routes:
     try:
         routes = Routes.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
+        where, msg, _err = first_error(exc)
         raise ValueError(f"NOTIFIER_ROUTES_FILE={path}: {where}: {msg}") from None
     outside = sorted({a for a in routes.recipients() if a not in allowed})
     if outside:

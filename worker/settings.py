@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
+    BaseModel,
+    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -42,6 +44,9 @@ from producer.redis_errors import redacted_url
 
 from .errors import NotifierError
 from .smtp_fast import default_helo_name, helo_name_problem
+
+if TYPE_CHECKING:
+    from .routing import Routes
 
 __all__ = [
     "PROVIDERS",
@@ -168,19 +173,12 @@ def _check_address_list(addresses: list[str]) -> list[str]:
         ) from None
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="NOTIFIER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+class SmtpFields(BaseModel):
+    """One SMTP account's settings and their checks, shared by the primary account (the
+    ``NOTIFIER_SMTP_*`` settings) and the failover accounts (``NOTIFIER_ACCOUNTS_FILE``).
+    A provider preset fills host, TLS, port and rate limit; the password comes from the
+    setting, its file, or the systemd credential."""
 
-    # Redis
-    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)  # may hold a password
-    key_prefix: Annotated[
-        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    ] = "notifier"
-    worker_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.@:-]*$", max_length=128)
-
-    # SMTP
     smtp_provider: str | None = None
     smtp_host: str | None = None
     smtp_port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -204,11 +202,124 @@ class Settings(BaseSettings):
     # The limit's window: RATE_PER_MINUTE sends in any RATE_WINDOW_S seconds (60 = per minute).
     smtp_rate_window_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     smtp_account_name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
+    mail_from: str | None = None
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        fix = "give the PEM file of the CA that signed the server's certificate, or unset it"
+        try:
+            with v.open("rb"):
+                pass
+            ssl.create_default_context(cafile=str(v))
+        except FileNotFoundError:
+            raise ValueError(f"{v}: no such file; {fix}") from None
+        except ssl.SSLError:  # (an OSError too)
+            raise ValueError(f"{v}: no PEM certificate in it; {fix}") from None
+        except OSError as exc:
+            raise ValueError(f"{v}: cannot read it ({exc.strerror}); {fix}") from None
+        return v
+
+    @field_validator("mail_from")
+    @classmethod
+    def _from(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name, address = parseaddr(v)
+        if not valid_address(address):
+            raise ValueError(f"{v!r}: use name@example.com or 'Display Name <name@example.com>'")
+        # Kept readable (RFC 2047 encoding is compose.py's job, at the header).
+        return str(Address(display_name=name, addr_spec=address)) if name else address
+
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo(cls, v: str | None) -> str | None:
+        problem = None if v is None else helo_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("smtp_provider")
+    @classmethod
+    def _provider(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in PROVIDERS:
+            raise ValueError(f"unknown provider {v!r}; known: {', '.join(PROVIDERS)}")
+        return v.lower() if v else None
+
+    @model_validator(mode="after")
+    def _resolve_account(self) -> Self:
+        preset = PROVIDERS.get(self.smtp_provider or "")
+        if preset:
+            self.smtp_host = self.smtp_host or preset.host
+            self.smtp_tls = self.smtp_tls or preset.tls
+            if self.smtp_port is None and self.smtp_tls == preset.tls:
+                # the preset's port goes with its TLS mode; another mode gets its own port below
+                self.smtp_port = preset.port
+        self.smtp_host = self.smtp_host or "localhost"
+        self.smtp_tls = self.smtp_tls or "none"
+        if self.smtp_port is None:
+            self.smtp_port = {"ssl": 465, "starttls": 587, "none": 25}[self.smtp_tls]
+        if self.smtp_password is None:
+            self.smtp_password = _read_password(
+                self.smtp_password_file, self.smtp_password_credential
+            )
+        if self.mail_from is None and self.smtp_username and valid_address(self.smtp_username):
+            self.mail_from = self.smtp_username
+        if self.smtp_helo_name is None:
+            self.smtp_helo_name = default_helo_name(self.mail_from)
+        if not self.smtp_account_name:
+            self.smtp_account_name = self.smtp_provider or "primary"
+        if self.smtp_rate_per_minute is None:
+            self.smtp_rate_per_minute = preset.per_minute if preset else 0
+        return self
+
+    @property
+    def provider(self) -> Provider | None:
+        return PROVIDERS.get(self.smtp_provider or "")
+
+    def _sender_mismatch(self) -> tuple[str, str, str] | None:
+        """(sender address, username, provider) when they differ on a strict provider."""
+        provider = self.smtp_provider or next(
+            (name for name, p in PROVIDERS.items() if p.host == (self.smtp_host or "").lower()),
+            None,
+        )
+        if provider not in STRICT_SENDER_PROVIDERS or not self.mail_from:
+            return None
+        sender = parseaddr(self.mail_from)[1].lower()
+        username = (self.smtp_username or "").strip()
+        if not username:
+            return None
+        login = username.lower()
+        if sender == login or ("@" not in login and sender.partition("@")[0] == login):
+            return None
+        return sender, username, provider
+
+
+class SmtpAccount(SmtpFields):
+    """One SMTP account, resolved: the primary (:meth:`Settings.accounts`) or a failover
+    account of ``NOTIFIER_ACCOUNTS_FILE``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Settings(SmtpFields, BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NOTIFIER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Redis
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)  # may hold a password
+    key_prefix: Annotated[
+        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    ] = "notifier"
+    worker_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.@:-]*$", max_length=128)
+
     # Failover accounts in priority order (TOML, see README "Failover accounts").
     accounts_file: Path | None = None
 
     # Mail
-    mail_from: str | None = None
     mail_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
     template_dir: Path | None = None
@@ -270,24 +381,6 @@ class Settings(BaseSettings):
             ) from None
         return v
 
-    @field_validator("smtp_ca_file")
-    @classmethod
-    def _ca_file(cls, v: Path | None) -> Path | None:
-        if v is None:
-            return None
-        fix = "give the PEM file of the CA that signed the server's certificate, or unset it"
-        try:
-            with v.open("rb"):
-                pass
-            ssl.create_default_context(cafile=str(v))
-        except FileNotFoundError:
-            raise ValueError(f"{v}: no such file; {fix}") from None
-        except ssl.SSLError:  # (an OSError too)
-            raise ValueError(f"{v}: no PEM certificate in it; {fix}") from None
-        except OSError as exc:
-            raise ValueError(f"{v}: cannot read it ({exc.strerror}); {fix}") from None
-        return v
-
     @field_validator("template_dir")
     @classmethod
     def _template_dir(cls, v: Path | None) -> Path | None:
@@ -324,61 +417,12 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("mail_from")
-    @classmethod
-    def _from(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        name, address = parseaddr(v)
-        if not valid_address(address):
-            raise ValueError(f"{v!r}: use name@example.com or 'Display Name <name@example.com>'")
-        # Kept readable (RFC 2047 encoding is compose.py's job, at the header).
-        return str(Address(display_name=name, addr_spec=address)) if name else address
-
-    @field_validator("smtp_helo_name")
-    @classmethod
-    def _helo(cls, v: str | None) -> str | None:
-        problem = None if v is None else helo_name_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("smtp_provider")
-    @classmethod
-    def _provider(cls, v: str | None) -> str | None:
-        if v is not None and v.lower() not in PROVIDERS:
-            raise ValueError(f"unknown provider {v!r}; known: {', '.join(PROVIDERS)}")
-        return v.lower() if v else None
-
     @model_validator(mode="after")
     def _resolve(self) -> Self:
-        preset = PROVIDERS.get(self.smtp_provider or "")
-        if preset:
-            self.smtp_host = self.smtp_host or preset.host
-            self.smtp_tls = self.smtp_tls or preset.tls
-            if self.smtp_port is None and self.smtp_tls == preset.tls:
-                # the preset's port goes with its TLS mode; another mode gets its own port below
-                self.smtp_port = preset.port
-        self.smtp_host = self.smtp_host or "localhost"
-        self.smtp_tls = self.smtp_tls or "none"
-        if self.smtp_port is None:
-            self.smtp_port = {"ssl": 465, "starttls": 587, "none": 25}[self.smtp_tls]
-        if self.smtp_password is None:
-            self.smtp_password = _read_password(
-                self.smtp_password_file, self.smtp_password_credential
-            )
-        if self.mail_from is None and self.smtp_username and valid_address(self.smtp_username):
-            self.mail_from = self.smtp_username
-        if self.smtp_helo_name is None:
-            self.smtp_helo_name = default_helo_name(self.mail_from)
         if self.retry_max_s < self.retry_base_s:
             raise ValueError("NOTIFIER_RETRY_MAX_S must be at least NOTIFIER_RETRY_BASE_S")
         if not self.worker_id:
             self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
-        if not self.smtp_account_name:
-            self.smtp_account_name = self.smtp_provider or "primary"
-        if self.smtp_rate_per_minute is None:
-            self.smtp_rate_per_minute = preset.per_minute if preset else 0
         if self.metrics_port and self.metrics_port_offset:
             port = self.metrics_port + self.metrics_port_offset
             if port > 65535:
@@ -395,17 +439,21 @@ class Settings(BaseSettings):
             self._failover = _load_accounts(self, self.accounts_file)
         return self
 
-    _routes: Any = PrivateAttr(default=None)
-    _failover: list[Settings] = PrivateAttr(default_factory=list)
+    _routes: Routes | None = PrivateAttr(default=None)
+    _failover: list[SmtpAccount] = PrivateAttr(default_factory=list)
 
     @property
-    def routes(self) -> Any:
-        """The validated :class:`worker.routing.Routes`, or None without ROUTES_FILE."""
+    def routes(self) -> Routes | None:
+        """The validated routes, or None without ROUTES_FILE."""
         return self._routes
 
-    def accounts(self) -> list[Settings]:
-        """The SMTP accounts in priority order: this one, then the failover accounts."""
-        return [self, *self._failover]
+    def primary_account(self) -> SmtpAccount:
+        """The ``NOTIFIER_SMTP_*`` account (already resolved: nothing is read again)."""
+        return SmtpAccount.model_validate(self.model_dump(include=set(_ACCOUNT_FIELD_NAMES)))
+
+    def accounts(self) -> list[SmtpAccount]:
+        """The SMTP accounts in priority order: the primary, then the failover accounts."""
+        return [self.primary_account(), *self._failover]
 
     def sender_warnings(self) -> list[str]:
         """One line for each account whose MAIL_FROM address is not its login, on a provider
@@ -433,28 +481,7 @@ class Settings(BaseSettings):
                 )
         return out
 
-    def _sender_mismatch(self) -> tuple[str, str, str] | None:
-        """(sender address, username, provider) when they differ on a strict provider."""
-        provider = self.smtp_provider or next(
-            (name for name, p in PROVIDERS.items() if p.host == (self.smtp_host or "").lower()),
-            None,
-        )
-        if provider not in STRICT_SENDER_PROVIDERS or not self.mail_from:
-            return None
-        sender = parseaddr(self.mail_from)[1].lower()
-        username = (self.smtp_username or "").strip()
-        if not username:
-            return None
-        login = username.lower()
-        if sender == login or ("@" not in login and sender.partition("@")[0] == login):
-            return None
-        return sender, username, provider
-
     # ------------------------------------------------------------------ derived values
-    @property
-    def provider(self) -> Provider | None:
-        return PROVIDERS.get(self.smtp_provider or "")
-
     @property
     def allowed(self) -> frozenset[str]:
         """Recipients an event may name: ALLOWED_RECIPIENTS ∪ MAIL_TO."""
@@ -504,6 +531,8 @@ def _read_password(path: Path | None, credential: str) -> SecretStr | None:
     return SecretStr(text) if text else None
 
 
+_ACCOUNT_FIELD_NAMES = frozenset(SmtpAccount.model_fields)
+# the keys of an [[account]] table -> the account's fields
 _ACCOUNT_FIELDS = {
     "provider": "smtp_provider",
     "host": "smtp_host",
@@ -522,10 +551,23 @@ _ACCOUNT_FIELDS = {
 }
 
 
-def _load_accounts(base: Settings, path: Path) -> list[Settings]:
+# A failover account inherits these from the primary unless its table sets them.
+_INHERITED = (
+    "smtp_validate_certs",
+    "smtp_ca_file",
+    "smtp_timeout_s",
+    "smtp_idle_timeout_s",
+    "smtp_max_messages_per_connection",
+    "smtp_esmtp_mode",
+    "smtp_helo_name",
+    "smtp_rate_window_s",
+)
+
+
+def _load_accounts(base: SmtpFields, path: Path) -> list[SmtpAccount]:
     """Failover accounts from a TOML file of ``[[account]]`` tables."""
     raw = read_toml(path, "NOTIFIER_ACCOUNTS_FILE")
-    out: list[Settings] = []
+    out: list[SmtpAccount] = []
     names = {base.smtp_account_name}
     for i, acc in enumerate(raw.get("account", [])):
         unknown = set(acc) - set(_ACCOUNT_FIELDS)
@@ -538,31 +580,14 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
         if name in names:
             raise ValueError(f"NOTIFIER_ACCOUNTS_FILE={path}: two accounts named {name!r}")
         names.add(name)
-        fields = base.model_dump(exclude={"accounts_file", "routes_file"})
-        # explicit None: left out, they would be read again from NOTIFIER_* in the environment
-        fields["accounts_file"] = fields["routes_file"] = None
-        for key in (
-            "smtp_host",
-            "smtp_port",
-            "smtp_tls",
-            "smtp_username",
-            "smtp_password",
-            "smtp_password_file",
-            "smtp_rate_per_minute",
-            "smtp_provider",
-        ):
-            fields[key] = None
-        fields["mail_from"] = None
+        fields: dict[str, Any] = {key: getattr(base, key) for key in _INHERITED}
         fields["smtp_account_name"] = name
-        for key, value in acc.items():
-            fields[_ACCOUNT_FIELDS[key]] = value
         fields["smtp_password_credential"] = f"smtp_password_{name}"
+        fields.update({_ACCOUNT_FIELDS[key]: value for key, value in acc.items()})
         try:
-            account = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+            account = SmtpAccount(**fields)
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            key = str(err["loc"][0]) if err["loc"] else ""
-            msg = err["msg"].removeprefix("Value error, ")
+            key, msg, _err = first_error(exc)
             raise ValueError(
                 f"NOTIFIER_ACCOUNTS_FILE={path}: account {name!r}: {key.removeprefix('smtp_')}"
                 f"{': ' if key else ''}{msg}"
@@ -574,6 +599,14 @@ def _load_accounts(base: Settings, path: Path) -> list[Settings]:
             )
         out.append(account)
     return out
+
+
+def first_error(exc: ValidationError) -> tuple[str, str, dict[str, Any]]:
+    """The first problem pydantic found, as (where: dotted location, what: its message without
+    pydantic's "Value error, " prefix, the raw error): the one line a user sees."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return where, first["msg"].removeprefix("Value error, "), dict(first)
 
 
 _TOML_WHERE = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
@@ -700,9 +733,8 @@ def load_settings(*, env_file: Any = _FIND, **overrides: Any) -> Settings:
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = str(err["loc"][0]).upper() if err["loc"] else ""
-        msg = err["msg"].removeprefix("Value error, ")
+        where, msg, err = first_error(exc)
+        field = where.split(".")[0].upper()
         if not field:  # a check across several settings names them itself
             raise SettingsError(msg) from None
         name = f"NOTIFIER_{field}"

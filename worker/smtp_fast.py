@@ -49,6 +49,26 @@ aiosmtplib's ``sendmail``; SIZE is announced, not checked against the server's l
 :class:`PipelineProtocol` is what makes this possible: aiosmtplib's protocol parses one
 reply per ``data_received`` and drops bytes that arrive while no read is pending, so
 replies to commands written together would be lost.
+
+Connecting (:meth:`FastSMTP._create_connection`, aiosmtplib's with these changes) says
+what went wrong in terms a person can act on, with typed exceptions (all
+``SMTPConnectError``) that :func:`worker.mailer.classify` turns into one line:
+
+- the host name is resolved first, within the connect timeout: :class:`SMTPHostNotFound`
+  (``temporary`` when DNS did not answer rather than said "no such host");
+- every address refused the connection: :class:`SMTPConnectionRefused`;
+- a plain client (``starttls``/``none``) on an implicit-TLS port gets no greeting: after a
+  second of complete silence a second connection sends a TLS ClientHello, and a TLS record
+  in reply means :class:`SMTPWrongTLSMode` (``server_speaks="tls"``) at once, instead of a
+  timeout. The client's own connection is never written to, so a slow plain server is
+  unaffected (it only sees one stray connection);
+- a TLS handshake that fails because the server greets in plain text (a second connection
+  reads a ``220`` greeting): :class:`SMTPWrongTLSMode` (``server_speaks="plain"``).
+
+Without a ``local_hostname`` the EHLO name is the address literal of the connection's
+own end (``[192.0.2.10]``, RFC 5321 4.1.3), not ``socket.getfqdn()``, which is
+``localhost`` on many hosts and refused by relays. :func:`default_helo_name` and
+:func:`helo_name_problem` choose and check the ``SMTP_HELO_NAME`` setting.
 """
 
 from __future__ import annotations
@@ -57,11 +77,15 @@ import asyncio
 import collections
 import contextlib
 import functools
+import ipaddress
 import logging
+import re
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from email.utils import parseaddr
+from typing import Any, Literal
 
 import aiosmtplib
 from aiosmtplib.email import quote_address as _quote_address
@@ -89,7 +113,19 @@ from aiosmtplib.protocol import (
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 
-__all__ = ["EsmtpMode", "FastSMTP", "PipelineProtocol", "TransactMode", "TransactResult"]
+__all__ = [
+    "EsmtpMode",
+    "FastSMTP",
+    "PipelineProtocol",
+    "SMTPConnectionRefused",
+    "SMTPHostNotFound",
+    "SMTPWrongTLSMode",
+    "TransactMode",
+    "TransactResult",
+    "default_helo_name",
+    "helo_name_problem",
+    "host_fqdn",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +135,133 @@ TransactMode = Literal["chunking", "pipelining", "sequential"]
 EsmtpMode = Literal["auto", "chunking", "pipelining", "sequential"]
 
 _ACCEPTED_RCPT = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+TLS_PROBE_AFTER_S = 1.0  # silence on a plain connection before asking "is this TLS?"
+_GREETING = re.compile(rb"[2-5][0-9][0-9][ -]")
+
+
+# ------------------------------------------------------------------ connecting: what went wrong
+class SMTPHostNotFound(SMTPConnectError):
+    """The server's host name does not resolve (``temporary``: DNS did not answer)."""
+
+    def __init__(self, hostname: str, port: int, *, temporary: bool, detail: str) -> None:
+        super().__init__(f"cannot resolve {hostname}: {detail}")
+        self.hostname, self.port, self.temporary, self.detail = hostname, port, temporary, detail
+
+
+class SMTPConnectionRefused(SMTPConnectError):
+    """Every address of the server refused the TCP connection (nothing listens there)."""
+
+    def __init__(self, hostname: str, port: int) -> None:
+        super().__init__(f"connection refused on {hostname}:{port}")
+        self.hostname, self.port = hostname, port
+
+
+class SMTPWrongTLSMode(SMTPConnectError):
+    """The port speaks implicit TLS (``server_speaks="tls"``) to a plain client, or plain
+    SMTP (``"plain"``, STARTTLS or none) to an implicit-TLS client."""
+
+    def __init__(self, hostname: str, port: int, server_speaks: Literal["tls", "plain"]) -> None:
+        what = "implicit TLS" if server_speaks == "tls" else "plain SMTP/STARTTLS"
+        super().__init__(f"port {port} of {hostname} speaks {what}")
+        self.hostname, self.port, self.server_speaks = hostname, port, server_speaks
+
+
+# ------------------------------------------------------------------ the EHLO name
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
+_LOCAL_LABELS = frozenset({"localhost", "localdomain", "local"})
+
+
+def helo_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an EHLO name (None when it can): a fully qualified domain
+    name or an address literal (RFC 5321 4.1.1.1, 4.1.3), and no local name relays refuse."""
+    if name.startswith("[") and name.endswith("]"):
+        literal = name[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            return (
+                f"{name!r} is not an address literal; use e.g. [203.0.113.7] or [IPv6:2001:db8::7]"
+            )
+        return None
+    if _LOCAL_LABELS & set(name.lower().split(".")):
+        return (
+            f"{name!r} is a local name that relays refuse; use this host's DNS name or your "
+            "mail domain, e.g. mail.example.com"
+        )
+    if not _DOMAIN.fullmatch(name) or name.rsplit(".", 1)[-1].isdigit():
+        return (
+            f"{name!r} is not a fully qualified domain name; use one such as host.example.com "
+            "(an IP address goes in brackets: [203.0.113.7])"
+        )
+    return None
+
+
+@functools.cache
+def host_fqdn() -> str:
+    """``socket.getfqdn()``, looked up once (it may ask DNS)."""
+    return socket.getfqdn()
+
+
+def default_helo_name(mail_from: str | None) -> str | None:
+    """This host's fully qualified name when it has a usable one, else the domain of
+    ``mail_from``; None when neither is usable (the connection's address literal then)."""
+    fqdn = host_fqdn()
+    if fqdn and helo_name_problem(fqdn) is None:
+        return fqdn
+    domain = parseaddr(mail_from or "")[1].rpartition("@")[2]
+    if domain and helo_name_problem(domain) is None:
+        return domain
+    return None
+
+
+def _address_literal(sockname: Any) -> str | None:
+    try:
+        ip = ipaddress.ip_address(sockname[0])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+async def _speaks_tls(peer: tuple[Any, ...], timeout: float | None) -> bool:
+    """Does the server at ``peer`` answer a TLS ClientHello with a TLS record (a handshake
+    or an alert)? Asked on a connection of its own; False on any failure."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(peer[0], peer[1])
+            try:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                hello = ssl.MemoryBIO()
+                tls = ctx.wrap_bio(ssl.MemoryBIO(), hello)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.do_handshake()
+                writer.write(hello.read())
+                head = await reader.readexactly(2)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+        return False
+    return head[0] in (0x15, 0x16) and head[1] == 0x03
+
+
+async def _greets_in_plain(peer: tuple[Any, ...], timeout: float | None) -> bool:
+    """Does the server at ``peer`` greet in plain text (``220 ...``)? False on any failure."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(peer[0], peer[1])
+            try:
+                head = await reader.readexactly(4)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    return _GREETING.fullmatch(head) is not None
 
 
 class PipelineProtocol(SMTPProtocol):
@@ -135,6 +298,7 @@ class PipelineProtocol(SMTPProtocol):
         self._closed_reason: str | None = None
         self._closed_cause: BaseException | None = None
         self._starttls_sent = False
+        self.bytes_received = 0
 
     @property
     def replies_owed(self) -> int:
@@ -176,6 +340,7 @@ class PipelineProtocol(SMTPProtocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self._closed_reason is not None:
             return
+        self.bytes_received += len(data)
         self._buffer.extend(data)
         if b"\n" in data:
             while True:
@@ -306,73 +471,43 @@ class FastSMTP(aiosmtplib.SMTP):
     esmtp_mode: EsmtpMode = "auto"
     """The fastest mode :meth:`transact` may use; assign on an instance to override."""
 
-    # Copied from aiosmtplib 5.1.3 SMTP._create_connection; only the protocol class
-    # differs. A private method copied verbatim is why pyproject.toml pins aiosmtplib's
-    # minor version (>=5.1.3,<5.2): recheck this copy before widening the pin.
+    _helo_from_socket = False
+
+    async def _get_default_local_hostname(self) -> str:
+        # aiosmtplib asks socket.getfqdn() ("localhost" on many hosts, refused by relays):
+        # use the address literal of this connection's end instead, set once connected.
+        self._helo_from_socket = True
+        return "[127.0.0.1]"
+
+    # Adapted from aiosmtplib 5.1.3 SMTP._create_connection: our protocol class, the host
+    # resolved first, and errors that say what is wrong (see the module docstring). Copying
+    # a private method is why pyproject.toml pins aiosmtplib's minor version (>=5.1.3,<5.2):
+    # recheck this before widening the pin.
     async def _create_connection(self, timeout: float | None) -> SMTPResponse:
         if self.loop is None:
             raise RuntimeError("No event loop set")
-
-        port = self.port
-        hostname = self.hostname
-
         protocol = PipelineProtocol(
             loop=self.loop, connection_lost_callback=self._on_connection_lost
         )
-
         tls_context: ssl.SSLContext | None = None
-        ssl_handshake_timeout: float | None = None
-        server_hostname: str | None = None
         if self.use_tls:
             tls_context = await self._get_tls_context()
-            ssl_handshake_timeout = timeout
-            server_hostname = hostname
+        hostname = self.hostname or "localhost"
+        port = self.port or self._get_default_port()
 
-        if self.sock is not None:
-            connect_coro = self.loop.create_connection(
-                lambda: protocol,
-                sock=self.sock,
-                ssl=tls_context,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-            )
-        elif self.socket_path is not None:
-            connect_coro = self.loop.create_unix_connection(
-                lambda: protocol,
-                path=self.socket_path,  # type: ignore[arg-type]
-                ssl=tls_context,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-            )
+        if self.sock is not None or self.socket_path is not None:
+            transport = await self._connect_socket(protocol, tls_context, timeout)
         else:
-            if hostname is None:
-                hostname = "localhost"
-            if port is None:
-                port = self._get_default_port()
-
-            connect_coro = self.loop.create_connection(
-                lambda: protocol,
-                host=hostname,
-                port=port,
-                ssl=tls_context,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-                local_addr=self.source_address,
-            )
-
-        try:
-            transport, _ = await asyncio.wait_for(connect_coro, timeout=timeout)
-        except TimeoutError as exc:
-            raise SMTPConnectTimeoutError(
-                f"Timed out connecting to {hostname} on port {port}"
-            ) from exc
-        except OSError as exc:
-            raise SMTPConnectError(f"Error connecting to {hostname} on port {port}: {exc}") from exc
-
+            transport = await self._connect_host(protocol, hostname, port, tls_context, timeout)
         self.protocol = protocol
         self.transport = transport
+        if self._helo_from_socket:
+            self.local_hostname = (
+                _address_literal(transport.get_extra_info("sockname")) or self.local_hostname
+            )
 
         try:
-            response = await protocol.read_response(timeout=timeout)
+            response = await self._read_greeting(protocol, hostname, port, timeout)
         except SMTPServerDisconnected as exc:
             raise SMTPConnectError(f"Error connecting to {hostname} on port {port}: {exc}") from exc
         except SMTPTimeoutError as exc:
@@ -382,6 +517,132 @@ class FastSMTP(aiosmtplib.SMTP):
             raise SMTPConnectResponseError(response.code, response.message)
 
         return response
+
+    async def _connect_socket(
+        self, protocol: PipelineProtocol, tls_context: ssl.SSLContext | None, timeout: float | None
+    ) -> asyncio.BaseTransport:
+        """aiosmtplib's connection over a given socket or Unix socket path."""
+        assert self.loop is not None
+        tls_kwargs: dict[str, Any] = {}
+        if tls_context is not None:
+            tls_kwargs = {
+                "ssl": tls_context,
+                "server_hostname": self.hostname,
+                "ssl_handshake_timeout": timeout,
+            }
+        if self.sock is not None:
+            coro = self.loop.create_connection(lambda: protocol, sock=self.sock, **tls_kwargs)
+        else:
+            coro = self.loop.create_unix_connection(
+                lambda: protocol,
+                path=self.socket_path,  # type: ignore[arg-type]
+                **tls_kwargs,
+            )
+        try:
+            transport, _ = await asyncio.wait_for(coro, timeout=timeout)
+        except TimeoutError as exc:
+            raise SMTPConnectTimeoutError("Timed out connecting to the socket") from exc
+        except OSError as exc:
+            raise SMTPConnectError(f"Error connecting to the socket: {exc}") from exc
+        return transport
+
+    async def _connect_host(
+        self,
+        protocol: PipelineProtocol,
+        hostname: str,
+        port: int,
+        tls_context: ssl.SSLContext | None,
+        timeout: float | None,
+    ) -> asyncio.BaseTransport:
+        """Resolve, then connect to each address in turn (and do the TLS handshake of
+        implicit TLS), all within ``timeout``."""
+        assert self.loop is not None
+        resolving = True
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    infos = await self.loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+                except socket.gaierror as exc:
+                    temporary = exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", 0))
+                    raise SMTPHostNotFound(
+                        hostname,
+                        port,
+                        temporary=temporary,
+                        detail=f"DNS failure ({exc.strerror})" if temporary else "no such host",
+                    ) from exc
+                resolving = False
+                errors: list[OSError] = []
+                for family, address in dict.fromkeys((i[0], str(i[4][0])) for i in infos):
+                    peer = (address, port)
+                    try:
+                        transport, _ = await self.loop.create_connection(
+                            lambda: protocol,
+                            host=address,
+                            port=port,
+                            family=family,
+                            ssl=tls_context,
+                            local_addr=self.source_address,
+                            server_hostname=hostname if tls_context else None,
+                            ssl_handshake_timeout=timeout if tls_context else None,
+                        )
+                        return transport
+                    except ssl.SSLError as exc:
+                        if not isinstance(exc, ssl.SSLCertVerificationError) and (
+                            await _greets_in_plain(peer, min(2.0, timeout or 2.0))
+                        ):
+                            raise SMTPWrongTLSMode(hostname, port, "plain") from exc
+                        raise SMTPConnectError(
+                            f"Error connecting to {hostname} on port {port}: {exc}"
+                        ) from exc
+                    except OSError as exc:
+                        errors.append(exc)
+        except TimeoutError as exc:
+            if resolving:
+                raise SMTPHostNotFound(
+                    hostname,
+                    port,
+                    temporary=True,
+                    detail=f"DNS gave no answer within {timeout:g} s",
+                ) from exc
+            raise SMTPConnectTimeoutError(
+                f"Timed out connecting to {hostname} on port {port}"
+            ) from exc
+        if errors and all(isinstance(e, ConnectionRefusedError) for e in errors):
+            raise SMTPConnectionRefused(hostname, port) from errors[0]
+        first = errors[0] if errors else OSError("no address")
+        raise SMTPConnectError(f"Error connecting to {hostname} on port {port}: {first}") from first
+
+    async def _read_greeting(
+        self, protocol: PipelineProtocol, hostname: str, port: int, timeout: float | None
+    ) -> SMTPResponse:
+        """The server's greeting, within ``timeout``. A plain connection that stays
+        completely silent for ``TLS_PROBE_AFTER_S`` asks, on a connection of its own,
+        whether the port speaks TLS; it raises :class:`SMTPWrongTLSMode` if it does."""
+        greeting = asyncio.ensure_future(protocol.read_response(timeout=timeout))
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        try:
+            if self.use_tls or not isinstance(peer, tuple):
+                return await greeting
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            quiet = TLS_PROBE_AFTER_S if timeout is None else min(TLS_PROBE_AFTER_S, timeout / 2)
+            await asyncio.wait({greeting}, timeout=quiet)
+            if greeting.done() or protocol.bytes_received:
+                return await greeting
+            left = None if timeout is None else timeout - (loop.time() - started)
+            probe = asyncio.ensure_future(_speaks_tls(peer, left))
+            try:
+                await asyncio.wait({greeting, probe}, return_when=asyncio.FIRST_COMPLETED)
+                if not greeting.done() and probe.result():
+                    raise SMTPWrongTLSMode(hostname, port, "tls")
+            finally:
+                probe.cancel()
+            return await greeting
+        finally:
+            if not greeting.done():
+                greeting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SMTPTimeoutError):
+                    await greeting
 
     def transact_mode(self, esmtp_mode: EsmtpMode | None = None) -> TransactMode:
         """The mode :meth:`transact` will use on this connection (after EHLO)."""
