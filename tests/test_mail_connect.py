@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AiosmtpdServer
 from aiosmtpd.smtp import Envelope, Session
 
-from tests.support.helpers import clean_env, run_cli, settings_from
+from tests.support.helpers import clean_env, run_cli, settings_from, wait_for_log
 from tests.support.tls import TLSAuthority
 from worker import smtp_fast
 from worker.devtools import free_port
@@ -268,7 +268,7 @@ async def test_a_slow_greeting_on_a_plain_port_still_works(conns) -> None:
         server.close()
 
 
-def test_cli_shows_the_same_line(worker_proc, smtp_factory, tls_ca, redis_url) -> None:
+def test_cli_and_worker_show_the_same_line(worker_proc, smtp_factory, tls_ca, redis_url) -> None:
     server = smtp_factory(tls="ssl")
     env = {
         "NOTIFIER_REDIS_URL": redis_url,
@@ -280,8 +280,13 @@ def test_cli_shows_the_same_line(worker_proc, smtp_factory, tls_ca, redis_url) -
         "NOTIFIER_MAIL_TO": RCPT,
         "NOTIFIER_SMTP_TIMEOUT_S": "5",
     }
+    same = f"port {server.port} speaks implicit TLS (set NOTIFIER_SMTP_TLS=ssl, or "
+    same += "NOTIFIER_SMTP_PORT=587 for starttls)"
     for command in (["check"], ["send-test", "--to", RCPT]):
         rc, out = run_cli(worker_proc, env, *command)
         assert rc == 1, out
         (line,) = [x for x in out.splitlines() if "implicit TLS" in x]
-        assert "FAIL (configuration)" in line and "set NOTIFIER_SMTP_TLS=ssl" in line
+        assert "FAIL (configuration)" in line and same in line
+    worker = worker_proc(env)
+    log = wait_for_log(worker, "speaks implicit TLS", timeout=15)
+    assert same in log and "Traceback" not in log
