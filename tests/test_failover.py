@@ -1,4 +1,4 @@
-"""Failover between SMTP accounts (worker/accounts.py, worker/deliver.py): the primary from
+"""Failover between SMTP accounts (worker/channels/email.py, worker/deliver.py): the primary from
 NOTIFIER_SMTP_*, a secondary from NOTIFIER_ACCOUNTS_FILE, two aiosmtpd servers.
 
 The primary starts answering QQ's ``550 Connection frequency limited`` (throttled), is
@@ -67,9 +67,8 @@ class _Env:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    c = FakeClock(time.time()).install(monkeypatch)
-    monkeypatch.setattr("worker.mailer.time", c.namespace())  # pause timers too
-    return c
+    # the channels' state (pauses, cool-downs) runs on the rig's clock
+    return FakeClock(time.time()).install(monkeypatch)
 
 
 @pytest.fixture
@@ -84,9 +83,9 @@ def two(smtp_factory, make_rig, tmp_path, clock) -> tuple[Rig, SMTPTestServer, S
 class TestInProcess(_Env):
     async def test_accounts_in_priority_order(self, two):
         rig, primary, backup = two
-        assert [a.name for a in rig.accounts] == ["primary", "backup"]
-        assert [a.settings.smtp_port for a in rig.accounts] == [primary.port, backup.port]
-        assert rig.accounts[1].sender == f"备用 <{BACKUP_FROM}>"
+        assert [a.name for a in rig.channels] == ["primary", "backup"]
+        assert [a.account.smtp_port for a in rig.channels] == [primary.port, backup.port]
+        assert rig.channels[1].sender == f"备用 <{BACKUP_FROM}>"
         await rig.deliver(rig.event("e1"))
         assert ids(primary) == ["e1"] and ids(backup) == []  # the primary while it works
 
@@ -99,7 +98,7 @@ class TestInProcess(_Env):
         mail = backup.messages[0]
         assert mail.mail_from == BACKUP_FROM
         assert mail.message["From"].addresses[0].addr_spec == BACKUP_FROM
-        p, b = rig.accounts
+        p, b = rig.channels
         assert (p.state, b.state) == ("throttled", "ok")
         assert "frequency limited" in p.reason
         assert rig.outcomes[-1].status == "sent" and rig.outcomes[-1].account == "backup"
@@ -119,7 +118,7 @@ class TestInProcess(_Env):
         primary.stop()
         await rig.deliver(rig.event("e1"), rig.event("e2"))
         assert ids(backup) == ["e1", "e2"]
-        p = rig.accounts[0]
+        p = rig.channels[0]
         assert p.state == "down"
         # cools down with the retry back-off (RETRY_BASE_S = 0.5 here), then probes
         assert 0 < p.retry_at() - clock.monotonic() <= 0.5
@@ -142,7 +141,7 @@ class TestInProcess(_Env):
         primary.auth_fail(535, QQ_535)
         await rig.deliver(rig.event("e1"))
         assert ids(backup) == ["e1"]
-        p = rig.accounts[0]
+        p = rig.channels[0]
         assert p.state == "paused" and p.paused and "535" in p.reason
         await rig.deliver(rig.event("e2"))
         assert ids(backup) == ["e1", "e2"]
@@ -170,7 +169,7 @@ class TestInProcess(_Env):
         primary.stop()
         backup.stop()
         await rig.deliver(rig.event("e1"))
-        assert [a.state for a in rig.accounts] == ["down", "down"]
+        assert [a.state for a in rig.channels] == ["down", "down"]
         await rig.deliver(rig.event("e2"))  # nobody to try: a retry when the first is back
         out = rig.outcomes[-1]
         # down (not throttled) accounts: counted as a transient retry, but not an attempt

@@ -21,7 +21,7 @@ from worker.errors import (
     ThrottledError,
     TransientError,
 )
-from worker.mailer import Connection, Mailer, classify, message_bytes, tls_context
+from worker.mailer import Connection, SmtpPool, classify, message_bytes, tls_context
 from worker.settings import Settings
 from worker.smtp_fast import FastSMTP
 
@@ -214,7 +214,7 @@ async def test_connection_is_recycled_after_max_messages(smtp_server, conns):
 
 async def test_mailer_lanes_each_own_a_connection(smtp_factory):
     server = smtp_factory(auth={USER: PASSWORD})
-    mailer = Mailer(make_settings(server), lanes=3)
+    mailer = SmtpPool(make_settings(server), lanes=3)
     try:
         assert await mailer.warm_up() == []
         assert mailer.open_connections == 3
@@ -234,7 +234,7 @@ async def test_mailer_lanes_each_own_a_connection(smtp_factory):
 
 async def test_mailer_warm_up_reports_configuration_errors(smtp_factory):
     server = smtp_factory(auth={USER: "other"})
-    mailer = Mailer(make_settings(server), lanes=2)
+    mailer = SmtpPool(make_settings(server), lanes=2)
     try:
         errors = await mailer.warm_up()
     finally:

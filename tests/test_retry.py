@@ -196,25 +196,33 @@ async def test_concurrent_schedulers_move_each_entry_exactly_once(redis_url):
 # -- the back-off of a whole SMTP account (pause on configuration errors) ----------------
 
 
+def _health(now: list[float]):
+    from worker.channels import Health
+
+    return Health("qq", clock=lambda: now[0], throttle_base_s=30, throttle_cap_s=300,
+                  down_base_s=1.0, down_cap_s=30)  # fmt: skip
+
+
 def test_one_incident_seen_by_every_lane_does_not_escalate_the_pause():
     """A bad password fails every lane's login at the same moment: that is one failed
     login, and the pause must stay at its first step (``PAUSE_MIN_S``) until a probe
     after the pause fails too. Doubling once per lane makes a worker with 8 lanes wait
     5 s x 2**7 (capped at 5 min) before it even tries the corrected password."""
+    from worker.channels import Health
     from worker.errors import ConfigurationError
-    from worker.mailer import Mailer
-    from worker.settings import Settings
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, smtp_host="127.0.0.1", smtp_port=2525, smtp_tls="none",
-        mail_from="alerts@example.com", mail_to="trader@example.com", concurrency=8,
-    )  # fmt: skip
-    mailer = Mailer(settings)
+    now = [100.0]
+    health = _health(now)
     err = ConfigurationError("Error: authentication failed", code=535)
-    for _ in settings.concurrency * [None]:  # every lane reports the same failure
-        mailer.pause(err)
-    assert mailer.paused
-    assert mailer.pause_remaining() <= Mailer.PAUSE_MIN_S + 0.5, mailer.pause_remaining()
+    for _ in range(8):  # every lane reports the same failure
+        health.failed(err)
+    assert health.paused and health.state == "paused"
+    assert health.pause_remaining() == Health.PAUSE_MIN_S
+    now[0] += Health.PAUSE_MIN_S
+    assert health.available()  # the pause ran out: the next send probes the login
+    health.failed(err)  # the probe failed too: now it doubles
+    assert health.pause_remaining() == 2 * Health.PAUSE_MIN_S
+    assert health.succeeded() is True and health.state == "ok" and health.available()
 
 
 def test_one_outage_seen_by_every_lane_does_not_escalate_the_cool_down():
@@ -222,21 +230,16 @@ def test_one_outage_seen_by_every_lane_does_not_escalate_the_cool_down():
     probe. The cool-down starts at its first step; only a probe after it that fails
     again doubles it. (Doubling per lane turns a 3 s outage into a 16 s wait with four
     lanes; see test_faults.py::test_smtp_down_for_60_s_...)"""
-    from worker.accounts import DOWN_BASE_S, Account
     from worker.errors import TransientError
-    from worker.settings import Settings
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, smtp_host="127.0.0.1", smtp_port=2525, smtp_tls="none",
-        mail_from="alerts@example.com", mail_to="trader@example.com", concurrency=4,
-    )  # fmt: skip
-    account = Account(settings, 0)
+    now = [100.0]
+    health = _health(now)
     err = TransientError("Error connecting to 127.0.0.1 on port 2525: Connect call failed")
-    for _ in range(settings.concurrency):
-        account.failed(err)
-    wait = account.retry_at() - time.monotonic()
-    assert not account.available()
-    assert wait <= DOWN_BASE_S + 0.5, wait
+    for _ in range(4):
+        health.failed(err)
+    wait = health.retry_at() - now[0]
+    assert not health.available() and health.state == "down"
+    assert wait <= 1.0, wait
 
 
 def test_cooldown_grows_only_when_a_probe_fails():

@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 
 from producer.keys import Keys
 
-from .accounts import Account
+from .channels import Channel, EmailChannel
 from .compose import Composer
 from .deliver import Deliverer
 from .metrics import Metrics
@@ -48,7 +48,7 @@ class Core:
     redis: aredis.Redis
     keys: Keys
     queue: Queue
-    accounts: list[Account]
+    channels: list[Channel]
     composer: Composer
     metrics: Metrics
     settler: Settler
@@ -79,13 +79,19 @@ def build_core(
         clock=clock.monotonic,
         guard=guard,
     )
-    accounts = [Account(a, i, delivery=settings) for i, a in enumerate(settings.accounts())]
     assert settings.mail_from is not None  # required by Settings.require_mail()
     composer = Composer(
         mail_from=settings.mail_from,
         template_dir=settings.template_dir,
         thread_by_day=settings.thread_by_day,
     )
+    # the e-mail channels in failover order: the primary account, then the failover accounts
+    channels: list[Channel] = [
+        EmailChannel(
+            account, priority=i, delivery=settings, composer=composer, clock=clock.monotonic
+        )
+        for i, account in enumerate(settings.accounts())
+    ]
     metrics = Metrics(settings.latency_target_s)
     settler = Settler(
         queue,
@@ -97,14 +103,20 @@ def build_core(
         clock=clock.time,
     )
     deliverer = Deliverer(
-        settings, queue, accounts, composer, metrics, settler=settler, clock=clock.time
+        settings,
+        queue,
+        channels,
+        metrics,
+        settler=settler,
+        clock=clock.time,
+        monotonic=clock.monotonic,
     )
     return Core(
         settings=settings,
         redis=client,
         keys=keys,
         queue=queue,
-        accounts=accounts,
+        channels=channels,
         composer=composer,
         metrics=metrics,
         settler=settler,

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from producer.event import InvalidEvent, new_event_id, parse_event
+from producer.event import Event, InvalidEvent, new_event_id, parse_event
 
-from .accounts import Account
+from .channels import Channel, Receipt
 from .compose import Composer, Mail, delayed_prefix, render_subject, repeated_note
 from .errors import (
     ConfigurationError,
@@ -31,7 +31,6 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
-from .mailer import classify
 from .metrics import Metrics
 from .queue import Queue
 from .retry import backoff
@@ -44,7 +43,6 @@ from .settle import (
     Handling,
     Hold,
     Outcome,
-    Receipt,
     Requeue,
     Retry,
     Sent,
@@ -68,9 +66,9 @@ class _Refused:
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
-    """No account took the message; what each one said (empty: none was usable)."""
+    """No channel took the message; what each one said (empty: none was usable)."""
 
-    errors: list[tuple[Account, SendError]]
+    errors: list[tuple[Channel, SendError]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +79,38 @@ class _NotComposed:
 @dataclass(frozen=True, slots=True)
 class _Delivered:
     receipt: Receipt
-    mail: Mail
+
+
+@dataclass(frozen=True, slots=True)
+class _EventMail:
+    """One event's mail, rendered by each e-mail channel from its own sender."""
+
+    event: Event
+    event_id: str
+    subject: str
+    notes: tuple[str, ...]
+
+    def render_mail(self, composer: Composer, *, recipients: Sequence[str], sender: str) -> Mail:
+        return composer.compose(
+            self.event,
+            event_id=self.event_id,
+            recipients=list(recipients),
+            subject=self.subject,
+            notes=list(self.notes),
+            sender=sender or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _DigestMail:
+    items: tuple[tuple[str, Event], ...]
+    reason: str
+
+    def render_mail(self, composer: Composer, *, recipients: Sequence[str], sender: str) -> Mail:
+        return composer.compose_digest(
+            list(self.items), recipients=list(recipients), sender=sender or None,
+            reason=self.reason,
+        )  # fmt: skip
 
 
 _Attempt = _Delivered | Hold | Requeue | _Refused | _Failed | _NotComposed
@@ -107,19 +136,19 @@ class Deliverer:
         self,
         settings: Settings,
         queue: Queue,
-        accounts: list[Account],
-        composer: Composer,
+        channels: list[Channel],
         metrics: Metrics,
         *,
         settler: Settler,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self.accounts = accounts
-        self.by_name = {a.name: a for a in accounts}
-        self.composer = composer
+        self.channels = channels  # in failover order (the e-mail accounts' priority)
+        self.by_name = {c.name: c for c in channels}
         self.metrics = metrics
+        self.monotonic = monotonic
         self.settler = settler
         self.clock = clock
         self.allowed = settings.allowed
@@ -176,21 +205,14 @@ class Deliverer:
         attempt = await self._send_via(
             lane,
             [h],
-            lambda account: self.composer.compose(
-                event,
-                event_id=h.id,
-                recipients=h.recipients,
-                subject=subject,
-                notes=notes,
-                sender=account.sender or None,
-            ),
+            _EventMail(event, h.id, subject, tuple(notes)),
             # critical events, and routes with digest = false, are never held: they still
             # take a slot, so the limit sees every mail the account sends
             force=event.severity == "critical" or not h.digest,
         )
         match attempt:
             case _Delivered():
-                return self._sent(h, attempt.receipt, subject)
+                return self._sent(h, attempt.receipt, attempt.receipt.subject or subject)
             case Hold() | Requeue():
                 return attempt
             case _Refused():
@@ -255,60 +277,47 @@ class Deliverer:
         self,
         lane: int,
         hs: Sequence[Handling],
-        build: Callable[[Account], Mail],
+        content: object,
         *,
         force: bool,
-        first: Account | None = None,
+        first: Channel | None = None,
     ) -> _Attempt:
-        """Send one mail (built per account: its From differs) on the first usable account,
-        ``first`` ahead of the priority order, failing over to the next on anything but a
-        permanent refusal. The first account's rate limit holds the events for a digest; a
-        later account that is full is skipped."""
+        """Send the content on the first usable channel, ``first`` ahead of the failover
+        order, failing over to the next on anything but a permanent refusal. The first
+        channel's rate limit holds the events for a digest; a later one that is full is
+        skipped."""
         order = [
-            a for a in dict.fromkeys((*([first] if first else []), *self.accounts)) if a.available()
+            c for c in dict.fromkeys((*([first] if first else []), *self.channels)) if c.available()
         ]
-        errors: list[tuple[Account, SendError]] = []
-        for i, account in enumerate(order):
-            if account.per_minute:
+        errors: list[tuple[Channel, SendError]] = []
+        for i, channel in enumerate(order):
+            if channel.per_minute:
                 wait = await self.queue.rate_acquire(
-                    account.name, account.per_minute, force=force, window_s=account.window_s
+                    channel.name, channel.per_minute, force=force, window_s=channel.window_s
                 )
                 if wait > 0:
                     if i == 0:
-                        group = self._group(account, hs[0].recipients)
-                        return Hold(group, self.clock() + wait, account.name, account.per_minute)
+                        group = self._group(channel, hs[0].recipients)
+                        return Hold(group, self.clock() + wait, channel.name, channel.per_minute)
                     continue
-            try:
-                mail = build(account)
-            except Exception as exc:  # a template or encoding bug must not kill the lane
-                logger.exception("cannot compose the mail of %s", ", ".join(h.id for h in hs))
-                return _NotComposed(exc)
             if self.queue.fenced:
                 return Requeue("fenced")
-            conn = account.mailer.connections[lane % len(account.mailer.connections)]
-            t0 = time.perf_counter()
             try:
-                _result, timing = await conn.send(account.from_address, hs[0].recipients, mail.data)
-            except Exception as exc:  # classify anything unexpected rather than crash the lane
-                err = classify(exc, account.settings.smtp_provider)
-                account.failed(err)
+                receipt = await channel.send(lane, content, hs[0].recipients)
+            except SendError as err:
+                channel.health.failed(err)
                 if isinstance(err, PermanentError):
                     return _Refused(err)
-                errors.append((account, err))
+                errors.append((channel, err))
                 continue
-            if account.succeeded():
+            except Exception as exc:  # not a send failure (those are classified): rendering
+                logger.exception("cannot render the message of %s", ", ".join(h.id for h in hs))
+                return _NotComposed(exc)
+            if channel.health.succeeded():
                 # the pause flag that `check` and `stats` show is cleared by any worker whose
                 # login works again
                 await self.queue.set_paused(None)
-            receipt = Receipt(
-                channel=account.name,
-                mode=timing.mode,
-                send_s=time.perf_counter() - t0,
-                connect_s=timing.connect,
-                refused=dict(timing.refused),
-                via_failover=account.priority > 0,
-            )
-            return _Delivered(receipt, mail)
+            return _Delivered(receipt)
         return _Failed(errors)
 
     def _sent(self, h: Handling, receipt: Receipt, subject: str) -> Sent:
@@ -334,17 +343,19 @@ class Deliverer:
         self,
         h: Handling,
         subject: str,
-        errors: list[tuple[Account, SendError]],
+        errors: list[tuple[Channel, SendError]],
         notes: Sequence[str] = (),
     ) -> Decision:
         """No account took the event: requeue (all paused), or retry with back-off."""
         s = self.settings
         if not errors:
             # every account is cooling down or paused: wait for the first to be usable
-            if all(a.paused for a in self.accounts):
+            if all(c.paused for c in self.channels):
                 return Requeue("configuration", subject=subject)
-            wait = max(0.5, min(a.retry_at() for a in self.accounts) - time.monotonic())
-            states = sorted({a.state for a in self.accounts if a.state != "ok"}) or ["throttled"]
+            wait = max(0.5, min(c.retry_at() for c in self.channels) - self.monotonic())
+            states = sorted({str(c.state) for c in self.channels if c.state != "ok"}) or [
+                "throttled"
+            ]
             label = "throttled" if states == ["throttled"] else "transient"
             err: SendError = (ThrottledError if label == "throttled" else TransientError)(
                 f"every SMTP account is {' or '.join(states)}"
@@ -354,7 +365,7 @@ class Deliverer:
         if all(isinstance(e, ConfigurationError) for e in kinds):
             reason_text = str(kinds[0])
             await self.queue.set_paused(reason_text)
-            self.metrics.paused.set(1 if all(a.paused for a in self.accounts) else 0)
+            self.metrics.paused.set(1 if all(c.paused for c in self.channels) else 0)
             return Requeue("configuration", reason_text, subject)
         real = [e for e in kinds if not isinstance(e, ConfigurationError)]
         throttled = all(isinstance(e, ThrottledError) for e in real)
@@ -406,9 +417,9 @@ class Deliverer:
         return Retry(reason, str(err), self.clock() + delay, again, attempts, subject)
 
     # ================================================================== digests
-    def _group(self, account: Account, recipients: Sequence[str]) -> str:
+    def _group(self, channel: Channel, recipients: Sequence[str]) -> str:
         digest = hashlib.sha256(",".join(sorted(recipients)).encode()).hexdigest()[:16]
-        return f"{account.name}.{digest}"
+        return f"{channel.name}.{digest}"
 
     async def handle_digest(self, lane: int, group: str, raws: list[bytes]) -> None:
         """Send one digest mail for the held events of ``group`` (now in processing)."""
@@ -432,7 +443,7 @@ class Deliverer:
                 ready.append(h)
         if not ready:
             return
-        home = self.by_name.get(group.rsplit(".", 1)[0], self.accounts[0])
+        home = self.by_name.get(group.rsplit(".", 1)[0], self.channels[0])
         recipients = ready[0].recipients
         # The group's own account first, then the others (failover): a digest is a new send
         # like any other and must not wait for a down or paused account.
@@ -440,11 +451,9 @@ class Deliverer:
             attempt = await self._send_via(
                 lane,
                 ready,
-                lambda account: self.composer.compose_digest(
-                    [(h.id, h.event) for h in ready if h.event is not None],
-                    recipients=recipients,
-                    sender=account.sender or None,
-                    reason=f"{home.name}: rate limit {home.per_minute}/min reached",
+                _DigestMail(
+                    tuple((h.id, h.event) for h in ready if h.event is not None),
+                    f"{home.name}: rate limit {home.per_minute}/min reached",
                 ),
                 force=False,
                 first=home,
@@ -463,8 +472,8 @@ class Deliverer:
                     ready,
                     DigestSent(
                         attempt.receipt,
-                        attempt.mail.subject,
-                        attempt.mail.message_id,
+                        attempt.receipt.subject,
+                        attempt.receipt.message_id,
                         home.name,
                         home.per_minute,
                     ),
@@ -485,7 +494,7 @@ class Deliverer:
             case _Failed():
                 delay = max(
                     1.0,
-                    min(a.retry_at() for a in self.accounts) - time.monotonic(),
+                    min(c.retry_at() for c in self.channels) - self.monotonic(),
                     backoff(1, base=self.settings.retry_base_s, cap=self.settings.retry_max_s),
                 )
                 said = "; ".join(f"{a.name}: {e}" for a, e in attempt.errors)

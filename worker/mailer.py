@@ -35,7 +35,6 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
-from .retry import Cooldown
 from .settings import SmtpAccount
 from .smtp_fast import (
     FastSMTP,
@@ -48,8 +47,8 @@ from .smtp_fast import (
 __all__ = [
     "THROTTLE_RULES",
     "Connection",
-    "Mailer",
     "SendTiming",
+    "SmtpPool",
     "ThrottleRule",
     "classify",
     "message_bytes",
@@ -277,7 +276,6 @@ class Connection:
         self._ssl = ssl_ctx
         self._smtp: FastSMTP | None = None
         self.messages = 0
-        self.opened_at = 0.0
         self.last_used = 0.0
 
     @property
@@ -329,14 +327,18 @@ class Connection:
             raise classify(exc, s.smtp_provider) from None
         self._smtp = client
         self.messages = 0
-        self.opened_at = self.last_used = time.monotonic()
+        self.last_used = time.monotonic()
         logger.debug("smtp %s: connected to %s:%s", self.name, s.smtp_host, s.smtp_port)
         return timing
+
+    def idle(self, now: float) -> bool:
+        """Unused for longer than the server keeps a connection (SMTP_IDLE_TIMEOUT_S)."""
+        return now - self.last_used > self.settings.smtp_idle_timeout_s
 
     def _stale(self, now: float) -> bool:
         return (
             not self.is_open
-            or now - self.last_used > self.settings.smtp_idle_timeout_s
+            or self.idle(now)
             or self.messages >= self.settings.smtp_max_messages_per_connection
         )
 
@@ -419,54 +421,21 @@ class Connection:
         smtp.close()
 
 
-class Mailer:
-    """The lanes' connections plus the pause state shared by them.
-
-    A configuration error (login rejected, TLS failure) pauses every lane with a back-off
-    (5 s doubling to 5 min); the first login that works again resumes them.
-    """
-
-    PAUSE_MIN_S = 5.0
-    PAUSE_MAX_S = 300.0
+class SmtpPool:
+    """The lanes' warm connections to one SMTP account (no state of the account's own: that
+    is the channel's :class:`~worker.channels.base.Health`)."""
 
     def __init__(self, settings: SmtpAccount, *, lanes: int) -> None:
         self.settings = settings
         ctx = tls_context(settings) if settings.smtp_tls != "none" else None
-        self.connections = [
-            Connection(settings, ctx, name=str(i)) for i in range(lanes)
-        ]
-        self.paused_reason: str | None = None
-        self._pause = Cooldown(lambda: time.monotonic())  # read at each call (tests fake it)
+        self.connections = [Connection(settings, ctx, name=str(i)) for i in range(lanes)]
+
+    def lane(self, index: int) -> Connection:
+        return self.connections[index % len(self.connections)]
 
     @property
     def open_connections(self) -> int:
         return sum(1 for c in self.connections if c.is_open)
-
-    @property
-    def paused(self) -> bool:
-        return self.paused_reason is not None
-
-    def pause(self, err: SendError) -> float:
-        """Pause all lanes after a configuration error; returns the time left paused.
-        The lanes that fail together are one incident (see :class:`Cooldown`)."""
-        first = self.paused_reason is None
-        self.paused_reason = str(err)
-        delay = self._pause.trip(base=self.PAUSE_MIN_S, cap=self.PAUSE_MAX_S, jitter=False)
-        if delay is None:
-            return self._pause.remaining()
-        (logger.error if first else logger.warning)(
-            "SMTP paused for %.0f s: %s; events stay queued", delay, err
-        )
-        return delay
-
-    def resume(self) -> None:
-        if self.paused_reason is not None:
-            logger.warning("SMTP login works again; resuming delivery")
-        self.paused_reason = None
-        self._pause.reset()
-
-    def pause_remaining(self) -> float:
-        return self._pause.remaining() if self.paused else 0.0
 
     async def warm_up(self) -> list[SendError]:
         """Open every lane's connection now, in parallel; returns the errors (if any)."""
@@ -480,6 +449,14 @@ class Mailer:
             if isinstance(r, BaseException):
                 errors.append(classify(r, self.settings.smtp_provider))
         return errors
+
+    async def close_idle(self) -> None:
+        """Close connections idle longer than SMTP_IDLE_TIMEOUT_S (providers drop them
+        anyway; a closed one is reopened on demand)."""
+        now = time.monotonic()
+        for conn in self.connections:
+            if conn.is_open and conn.idle(now):
+                await conn.close()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.connections), return_exceptions=True)

@@ -71,7 +71,7 @@ class Worker:
         )
         self.core = core
         self.keys, self.redis, self.queue = core.keys, core.redis, core.queue
-        self.accounts, self.metrics, self.deliverer = core.accounts, core.metrics, core.deliverer
+        self.channels, self.metrics, self.deliverer = core.channels, core.metrics, core.deliverer
         self._blocking_redis = connect(settings.redis_url)
         self.systemd = SystemdNotifier()
         # Every loop must show progress well within systemd's watchdog interval: no wait in
@@ -106,8 +106,8 @@ class Worker:
 
     @property
     def paused(self) -> bool:
-        """Every account is paused on a configuration error: nothing can be sent."""
-        return all(a.paused for a in self.accounts)
+        """Every channel is paused on a configuration error: nothing can be sent."""
+        return all(c.paused for c in self.channels)
 
     # ================================================================== lifecycle
     def stop(self) -> None:
@@ -167,8 +167,8 @@ class Worker:
             s.smtp_tls,
             s.concurrency,
             self.keys.queue,
-            f", failover {', '.join(a.name for a in self.accounts[1:])}"
-            if len(self.accounts) > 1
+            f", failover {', '.join(c.name for c in self.channels[1:])}"
+            if len(self.channels) > 1
             else "",
         )
 
@@ -177,30 +177,30 @@ class Worker:
         error; an unreachable server is retried for up to READY_WAIT_S, then READY anyway
         (degraded: events wait in the queue) so that systemd does not kill a healthy worker.
         Failover accounts connect on demand."""
-        primary = self.accounts[0]
+        primary = self.channels[0]
         deadline = time.monotonic() + self.READY_WAIT_S
         delay = 0.5
         while True:
-            errors = await primary.mailer.warm_up()
+            errors = await primary.warm_up()
             config = [e for e in errors if isinstance(e, ConfigurationError)]
             if config:
-                primary.failed(config[0])
+                primary.health.failed(config[0])
                 self.metrics.paused.set(1 if self.paused else 0)
                 reason = str(config[0])
                 await self.queue.set_paused(reason)
                 self.systemd.ready(f"PAUSED: SMTP configuration error: {reason}")
                 return
-            if primary.mailer.open_connections or self._stop.is_set():
+            if primary.open_connections or self._stop.is_set():
                 for e in errors:
                     logger.warning("SMTP warm-up: %s (reconnecting on demand)", e)
-                if primary.mailer.open_connections:
+                if primary.open_connections:
                     # a login works: a pause flag left by a worker with wrong settings is stale
                     await self.queue.set_paused(None)
                 self.systemd.ready(self._status())
                 return
             if time.monotonic() >= deadline:
                 logger.error("SMTP unreachable at start-up (%s); running degraded", errors[0])
-                primary.failed(errors[0])
+                primary.health.failed(errors[0])
                 self.systemd.ready(f"DEGRADED: SMTP unreachable: {errors[0]}")
                 return
             logger.warning(
@@ -264,7 +264,7 @@ class Worker:
                 "recover them once this worker's heartbeat expires",
                 exc,
             )
-        await asyncio.gather(*(a.mailer.close() for a in self.accounts), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -328,26 +328,26 @@ class Worker:
         return d.queue == 0 and d.retry == 0 and d.processing == 0 and d.held == 0
 
     async def _wait_pause(self) -> None:
-        """Every account is paused on a configuration error: probe a login when the first
-        pause ends; resume on success."""
-        account = min(self.accounts, key=lambda a: a.mailer.pause_remaining())
-        remaining = account.mailer.pause_remaining()
+        """Every channel is paused on a configuration error: probe the first whose pause
+        ends (a login); resume on success."""
+        channel = min(self.channels, key=lambda c: c.health.pause_remaining())
+        remaining = channel.health.pause_remaining()
         if remaining > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=min(remaining, 1.0))
             return
-        conn = account.mailer.connections[0]
         try:
-            await conn.open()
+            await channel.probe()
         except SendError as err:
             if isinstance(err, ConfigurationError):
-                account.failed(err)
+                channel.health.failed(err)
                 await self.queue.set_paused(str(err))
             else:
-                logger.warning("SMTP account %s still unreachable: %s", account.name, err)
-                account.mailer.pause(ConfigurationError(f"(retrying login) {err}"))
+                logger.warning("channel %s still unreachable: %s", channel.name, err)
+                channel.health.failed(ConfigurationError(f"(retrying login) {err}"))
             return
-        account.succeeded()
+        logger.warning("channel %s: login works again; resuming delivery", channel.name)
+        channel.health.succeeded()
         self.metrics.paused.set(0)
         await self.queue.set_paused(None)
 
@@ -472,8 +472,8 @@ class Worker:
             m.held_depth.set(d.held)
             m.connections.set(self._open_connections())
             m.paused.set(1 if self.paused else 0)
-            for a in self.accounts:
-                m.account_up.labels(a.name).set(1 if a.available() else 0)
+            for c in self.channels:
+                m.account_up.labels(c.name).set(1 if c.available() else 0)
             await self._idle_hygiene()
             await asyncio.sleep(period)
 
@@ -497,16 +497,11 @@ class Worker:
             )
 
     async def _idle_hygiene(self) -> None:
-        """Close connections idle longer than SMTP_IDLE_TIMEOUT_S (providers drop them
-        anyway; a closed one is reopened on demand)."""
-        now = time.monotonic()
-        for account in self.accounts:
-            for conn in account.mailer.connections:
-                if conn.is_open and now - conn.last_used > account.settings.smtp_idle_timeout_s:
-                    await conn.close()
+        for channel in self.channels:
+            await channel.close_idle()
 
     def _open_connections(self) -> int:
-        return sum(a.mailer.open_connections for a in self.accounts)
+        return sum(c.open_connections for c in self.channels)
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -515,17 +510,17 @@ class Worker:
             "started": self.started_at,
             "lanes": self.settings.concurrency,
             "sent": self.counts.get("sent", 0),
-            "paused": self.accounts[0].mailer.paused_reason,
-            "accounts": {a.name: a.describe() for a in self.accounts},
+            "paused": self.channels[0].health.reason if self.paused else None,
+            "accounts": {c.name: c.describe() for c in self.channels},
         }
 
     def _status(self) -> str:
         c = self.counts
         state = ""
         if self.paused:
-            state = f"PAUSED ({self.accounts[0].mailer.paused_reason}) "
+            state = f"PAUSED ({self.channels[0].health.reason}) "
         else:
-            bad = [f"{a.name} {a.state}" for a in self.accounts if a.state != "ok"]
+            bad = [f"{c.name} {c.state}" for c in self.channels if c.state != "ok"]
             state = f"accounts: {', '.join(bad)}; " if bad else ""
         return (
             f"{state}sent {c.get('sent', 0)}, retried {c.get('retry', 0)}, dead {c.get('dead', 0)};"

@@ -28,6 +28,7 @@ from typing import Any
 
 from producer.event import Event
 
+from .channels.base import Receipt
 from .metrics import Metrics
 from .queue import Claim, Queue
 from .records import DeliveryRecord, Status
@@ -90,18 +91,6 @@ class Handling:
     @property
     def attempts(self) -> int:
         return self.event.attempts if self.event is not None else 0
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """What a channel says about a send it completed."""
-
-    channel: str
-    mode: str
-    send_s: float
-    connect_s: float = 0.0
-    refused: dict[str, str] = field(default_factory=dict)  # recipient -> reply
-    via_failover: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,7 +371,7 @@ class FakeClock:
         )
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-        for module in ("worker.deliver", "worker.queue", "worker.accounts"):
+        for module in ("worker.deliver", "worker.queue"):
             monkeypatch.setattr(f"{module}.time", self.namespace())
         return self
 
@@ -404,7 +404,7 @@ class Rig:
         self.outcomes: list[Outcome] = []
         self.core = build_core(settings, redis=client, clock=clock, on_outcome=self.outcomes.append)
         self.queue = self.core.queue
-        self.accounts = self.core.accounts
+        self.channels = self.core.channels
         self.composer = self.core.composer
         self.metrics = self.core.metrics
         self.deliverer = self.core.deliverer
@@ -464,4 +464,4 @@ class Rig:
         return {k: v for k, v in out.items() if v}
 
     async def close(self) -> None:
-        await asyncio.gather(*(a.mailer.close() for a in self.accounts))
+        await asyncio.gather(*(c.close() for c in self.channels))
