@@ -3,17 +3,28 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import random
 import ssl
 import time
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
+from producer.keys import Keys
 from worker import bench as bench_mod
+from worker.bench import scenarios
+from worker.bench.helpers import BareJob, run_bare
+from worker.bench.lab import Lab, Plan
 from worker.devtools.proxy import LatencyProxy, ProxyProcess
+from worker.records import DeliveryRecord, Status
+
+WORKER = Path(__file__).resolve().parent.parent / "worker"
 
 RTT_MS = 40.0
 DELAY_S = RTT_MS / 2000
@@ -194,11 +205,26 @@ def test_proxy_process_reports_stats() -> None:
 
 
 def test_markdown_report_has_the_table_and_targets() -> None:
+    row = bench_mod.Row(
+        "s",
+        10,
+        throughput=123.4,
+        p50=1.0,
+        p95=2.0,
+        p99=3.0,
+        round_trips=2.0,
+        cpu_ms=0.5,
+        rss_mb=40.0,
+    )
     report = {
-        "command": "notifier bench", "date": "today", "machine": "m", "wall_s": 1.0,
-        "rows": [asdict(bench_mod.Row("s", 10, 123.4, 1.0, 2.0, 3.0, 2.0, 0.5, 40.0))],
-        "targets": [asdict(bench_mod.Target("t", "≤ 1", "0.5", True))], "notes": [],
-    }  # fmt: skip
+        "command": "notifier bench",
+        "date": "today",
+        "machine": "m",
+        "wall_s": 1.0,
+        "rows": [asdict(row)],
+        "targets": [asdict(bench_mod.Target("t", "≤ 1", "0.5", True))],
+        "notes": [],
+    }
     text = bench_mod._markdown(report)
     assert "| s | 10 | 123 | 1.0 | 2.0 | 3.0 | 2.00 | 0.50 | 40.0 |" in text
     assert "| t | ≤ 1 | 0.5 | PASS |" in text
@@ -226,3 +252,114 @@ def test_bench_quick_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert old["p50"] > worker["p50"]
     assert [t["ok"] is not None for t in report["targets"]][:2] == [True, True]
     assert report["broken"] == []
+
+
+# -- the delivery records, read through worker.records only ------------------------------
+
+
+def _record(status: Status, i: int, **fields: Any) -> DeliveryRecord:
+    return DeliveryRecord(t=1000.0 + i, status=status, id=f"e{i}", **fields)
+
+
+def test_lab_reads_the_worker_records_as_typed_records(tmp_path: Path) -> None:
+    """What the bench counts as delivered: sent events and the events a digest carried, as
+    :class:`DeliveryRecord` (retries, dead letters, held events are not deliveries)."""
+    lab = Lab(tmp_path, 10.0, Plan.make(quick=True))
+    try:
+        written = [
+            _record(
+                Status.SENT, 1, latency_s=0.1, queue_wait_s=0.01, send_s=0.08, mode="pipelining"
+            ),
+            _record(Status.RETRY, 2, reason="421"),
+            _record(Status.DEAD, 3, reason="550"),
+            _record(Status.HELD, 4, count=2, channel="qq"),
+            _record(Status.DIGEST, 5, count=2, latencies=(0.5, 0.7), channel="qq"),
+        ]
+        client = redis.Redis.from_url(lab.redis_url)
+        client.lpush(Keys("notifier").deliveries, *(r.to_json() for r in written))
+        client.close()
+        recs = lab.records()
+        assert all(isinstance(r, DeliveryRecord) for r in recs)
+        assert sorted(r.status for r in recs) == [Status.DIGEST, Status.SENT]
+        assert sorted(bench_mod.lab.latencies(recs)) == [0.1, 0.5, 0.7]
+        assert max(r.t for r in recs) == 1005.0
+    finally:
+        lab.close()
+
+
+def test_breakdown_of_the_trickle_p50_comes_from_the_typed_fields() -> None:
+    recs = [
+        _record(Status.SENT, i, latency_s=0.1 + i / 1000, queue_wait_s=0.002, send_s=0.09, mode=m)
+        for i, m in enumerate(["pipelining", "chunking", "pipelining"])
+    ]
+    recs.append(_record(Status.SENT, 9, latency_s=0.2))  # an old record: no breakdown
+    b = scenarios.breakdown(recs)
+    assert b.modes == ["?", "chunking", "pipelining"]
+    assert b.wait_ms == pytest.approx(2.0)
+    assert b.send_ms == pytest.approx(90.0)
+    assert b.rest_ms == pytest.approx(9.0, abs=0.6)
+
+
+@pytest.mark.parametrize("mode", ["sendmail", "send_message", "transact"])
+def test_bare_sender_process_takes_a_typed_job_and_returns_its_result(
+    mode, smtp_factory, tmp_path: Path
+) -> None:
+    smtp = smtp_factory(pipelining=True)
+    message = tmp_path / "message.eml"
+    message.write_bytes(b"From: a@example.com\r\nTo: b@example.com\r\nSubject: x\r\n\r\nhi\r\n")
+    job = BareJob(
+        port=smtp.port,
+        lanes=2,
+        n=5,
+        mode=mode,
+        mail_from="a@example.com",
+        mail_to="b@example.com",
+        message_file=str(message),
+    )
+    result = run_bare(job, timeout=30)
+    assert len(smtp.messages) == 5
+    assert result.elapsed_s > 0
+    assert result.cpu_s >= 0
+    assert result.maxrss_mb > 10
+
+
+_WIRE_KEYS = {"o", "l", "ls", "w", "s", "m", "a", "n"}
+
+
+def _reads_a_wire_key(node: ast.AST) -> bool:
+    """``x["l"]`` or ``x.get("l", ...)`` with a key of the delivery record's wire format."""
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+    elif (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "get"
+        and node.args
+    ):
+        key = node.args[0]
+    else:
+        return False
+    return isinstance(key, ast.Constant) and key.value in _WIRE_KEYS
+
+
+def test_only_the_records_module_knows_the_records_wire_keys() -> None:
+    found = [
+        f"{path.relative_to(WORKER.parent)}:{node.lineno}"
+        for path in sorted(WORKER.rglob("*.py"))
+        if path.name != "records.py" or path.parent != WORKER
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if _reads_a_wire_key(node)
+    ]
+    assert found == []
+
+
+def test_no_fmt_skip_in_the_demo_bench_and_dev_tools() -> None:
+    paths = [WORKER / "demo.py", *(WORKER / "bench").glob("*.py")]
+    paths += (WORKER / "devtools").glob("*.py")
+    found = [
+        f"{path.relative_to(WORKER.parent)}:{n}"
+        for path in sorted(paths)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "fmt: skip" in line
+    ]
+    assert found == []

@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from producer.client import AsyncNotifier
 
 from .metrics import summarize
+from .records import Status
 from .service import Outcome, Worker
 from .settings import Settings
 
@@ -35,22 +36,51 @@ __all__ = ["demo", "dev_tools_missing"]
 DEMO_CODE = "demo-auth-code16"
 
 SAMPLES: list[dict[str, Any]] = [
-    {"subject": "止损触发 600519", "strategy": "ma_cross", "kind": "order", "severity": "warning",
-     "data": {"symbol": "600519.SH", "price": 1700.5, "stop": 1698.0}},
-    {"strategy": "ma_cross", "kind": "signal",
-     "data": {"symbol": "600519.SH", "side": "BUY", "price": 1700.5, "qty": 100}},
-    {"strategy": "grid_btc", "kind": "fill",
-     "data": {"symbol": "BTC-USDT", "side": "SELL", "price": 97250.0, "qty": 0.05}},
-    {"subject": "行情源断线，已切换备用线路", "strategy": "feed", "kind": "error",
-     "severity": "critical", "body": "主行情源 3 秒无数据。\nPrimary feed silent for 3 s; switched to backup."},
-    {"subject": "Daily PnL +1.2%", "strategy": "stat_arb", "kind": "info",
-     "data": {"pnl": 12034.5, "trades": 87, "win_rate": 0.56}},
-    {"strategy": "momentum", "kind": "signal", "severity": "info",
-     "data": {"symbol": "000001.SZ", "side": "buy", "price": 11.32, "qty": 2000}},
-    {"subject": "Order rejected: insufficient margin", "strategy": "cta_rb", "kind": "error",
-     "severity": "critical", "data": {"symbol": "rb2501", "side": "SELL", "qty": 10}},
-    {"subject": "开盘前检查完成", "strategy": "ops", "body": "全部 12 个策略已就绪。"},
-]  # fmt: skip
+    dict(
+        subject="止损触发 600519",
+        strategy="ma_cross",
+        kind="order",
+        severity="warning",
+        data={"symbol": "600519.SH", "price": 1700.5, "stop": 1698.0},
+    ),
+    dict(
+        strategy="ma_cross",
+        kind="signal",
+        data={"symbol": "600519.SH", "side": "BUY", "price": 1700.5, "qty": 100},
+    ),
+    dict(
+        strategy="grid_btc",
+        kind="fill",
+        data={"symbol": "BTC-USDT", "side": "SELL", "price": 97250.0, "qty": 0.05},
+    ),
+    dict(
+        subject="行情源断线，已切换备用线路",
+        strategy="feed",
+        kind="error",
+        severity="critical",
+        body="主行情源 3 秒无数据。\nPrimary feed silent for 3 s; switched to backup.",
+    ),
+    dict(
+        subject="Daily PnL +1.2%",
+        strategy="stat_arb",
+        kind="info",
+        data={"pnl": 12034.5, "trades": 87, "win_rate": 0.56},
+    ),
+    dict(
+        strategy="momentum",
+        kind="signal",
+        severity="info",
+        data={"symbol": "000001.SZ", "side": "buy", "price": 11.32, "qty": 2000},
+    ),
+    dict(
+        subject="Order rejected: insufficient margin",
+        strategy="cta_rb",
+        kind="error",
+        severity="critical",
+        data={"symbol": "rb2501", "side": "SELL", "qty": 10},
+    ),
+    dict(subject="开盘前检查完成", strategy="ops", body="全部 12 个策略已就绪。"),
+]
 
 
 def _redis_binary() -> str | None:
@@ -104,8 +134,10 @@ def demo(*, events: int = 20) -> int:
         smtp = SMTPTestServer(auth={"demo@example.com": DEMO_CODE}, pipelining=True)
         smtp.start()
         try:
-            print(f"redis-server on {redis_srv.url} (throwaway), SMTP sink on "
-                  f"127.0.0.1:{smtp.port} (AUTH, PIPELINING)\n")  # fmt: skip
+            print(
+                f"redis-server on {redis_srv.url} (throwaway), "
+                f"SMTP sink on 127.0.0.1:{smtp.port} (AUTH, PIPELINING)\n"
+            )
             return asyncio.run(_run(redis_srv.url, smtp, events))
         finally:
             smtp.stop()
@@ -115,40 +147,54 @@ def demo(*, events: int = 20) -> int:
 async def _run(redis_url: str, smtp: Any, events: int) -> int:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
-        redis_url=redis_url, key_prefix="notifier", smtp_host="127.0.0.1", smtp_port=smtp.port,
-        smtp_tls="none", smtp_username="demo@example.com", smtp_password=SecretStr(DEMO_CODE),
-        mail_from="量化提醒 <demo@example.com>", mail_to=["trader@example.com"],
-        allowed_recipients=["risk@example.com"], concurrency=4, metrics_port=0,
+        redis_url=redis_url,
+        key_prefix="notifier",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        smtp_tls="none",
+        smtp_username="demo@example.com",
+        smtp_password=SecretStr(DEMO_CODE),
+        mail_from="量化提醒 <demo@example.com>",
+        mail_to=["trader@example.com"],
+        allowed_recipients=["risk@example.com"],
+        concurrency=4,
+        metrics_port=0,
         worker_id="demo",
-    )  # fmt: skip
+    )
     outcomes: list[Outcome] = []
     done = asyncio.Event()
     good = events
 
     def show(o: Outcome) -> None:
         outcomes.append(o)
-        if o.status == "sent":
+        if o.status is Status.SENT:
             print(
                 f"  sent  {o.latency * 1000:6.1f} ms  to {','.join(o.recipients):<38} {o.subject}"
             )
-        elif o.status == "dead":
+        elif o.status is Status.DEAD:
             print(f"  dead  (as designed) {o.reason}: {o.error}")
         else:
             print(f"  {o.status} {o.event_id}: {o.error}")
-        if sum(1 for x in outcomes if x.status == "sent") >= good:
+        if sum(1 for x in outcomes if x.status is Status.SENT) >= good:
             done.set()
 
     worker = Worker(settings, on_outcome=show)
     task = asyncio.create_task(worker.run())
     await asyncio.sleep(0.3)  # warm connections: the first alert should not pay for login
     async with AsyncNotifier(redis_url) as notifier:
-        print(f"pushing {events} events (strategies' producer, a raw LPUSH, a burst) "
-              "and one malformed event:")  # fmt: skip
+        print(
+            f"pushing {events} events (strategies' producer, a raw LPUSH, a burst) "
+            "and one malformed event:"
+        )
         for i in range(events):
             sample = dict(SAMPLES[i % len(SAMPLES)])
             if i == 3:  # another language's script: a plain LPUSH of JSON
-                raw = json.dumps({"subject": "止损触发 600519", "strategy": "ma_cross",
-                                  "data": {"price": 1700.5}}, ensure_ascii=False)  # fmt: skip
+                plain = {
+                    "subject": "止损触发 600519",
+                    "strategy": "ma_cross",
+                    "data": {"price": 1700.5},
+                }
+                raw = json.dumps(plain, ensure_ascii=False)
                 await worker.redis.lpush("notifier:queue", raw)
             elif i == 5:
                 await notifier.send(sample.pop("subject", None), to=["risk@example.com"], **sample)
@@ -167,14 +213,16 @@ async def _run(redis_url: str, smtp: Any, events: int) -> int:
     await asyncio.sleep(0.2)
     worker.stop()
     await task
-    sent = [o for o in outcomes if o.status == "sent"]
+    sent = [o for o in outcomes if o.status is Status.SENT]
+    dead = sum(1 for o in outcomes if o.status is Status.DEAD)
     received = smtp.messages
     summary = summarize([o.latency for o in sent], settings.latency_target_s)
-    print(f"\n{len(received)} mails received by the sink; dead letters: "
-          f"{sum(1 for o in outcomes if o.status == 'dead')} (the malformed event)")  # fmt: skip
+    smtp_median_ms = sorted(o.smtp for o in sent)[len(sent) // 2] * 1000
+    print(
+        f"\n{len(received)} mails received by the sink; dead letters: {dead} (the malformed event)"
+    )
     print(f"latency (event produced -> SMTP 250): {summary.line()}")
-    print(f"SMTP share: median {sorted(o.smtp for o in sent)[len(sent) // 2] * 1000:.1f} ms a "
-          "message on warm, pipelined connections")  # fmt: skip
+    print(f"SMTP share: median {smtp_median_ms:.1f} ms a message on warm, pipelined connections")
     ok = len(received) >= good and summary.within_target == 1.0
     return 0 if ok else 1
 

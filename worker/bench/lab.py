@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,8 @@ from ..devtools import free_port
 from ..devtools.postfix import PostfixServer
 from ..devtools.proxy import ProxyProcess
 from ..metrics import percentile
+from ..records import DeliveryRecord
+from .helpers import proc_cpu_s, proc_memory_mb
 
 if TYPE_CHECKING:
     from ..devtools.smtp_server import SMTPTestServer  # needs aiosmtpd (the dev extra)
@@ -89,6 +91,7 @@ class Row:
 
     scenario: str
     events: int
+    _: KW_ONLY
     throughput: float | None = None  # msg/s
     p50: float | None = None  # ms
     p95: float | None = None
@@ -115,34 +118,26 @@ def _ms(values_s: Sequence[float]) -> tuple[float | None, float | None, float | 
     return percentile(v, 50) * 1000, percentile(v, 95) * 1000, percentile(v, 99) * 1000
 
 
+def latencies(records: Sequence[DeliveryRecord]) -> list[float]:
+    """The latency of every event these records delivered (a digest: each of its events)."""
+    return [x for r in records for x in r.event_latencies]
+
+
 def _progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_memory_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MB."""
-    values = {"VmRSS": 0.0, "VmHWM": 0.0}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in values:
-            values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 def _sample_event(tag: str, i: int, ts: float) -> dict[str, Any]:
     """A typical alert (signal with a data table), in the wire contract."""
     return {
-        "v": 1, "id": f"bench-{tag}-{i:06d}", "ts": ts, "strategy": "ma_cross",
-        "kind": "signal", "subject": f"bench {tag} {i:06d} 买入信号 600519.SH",
+        "v": 1,
+        "id": f"bench-{tag}-{i:06d}",
+        "ts": ts,
+        "strategy": "ma_cross",
+        "kind": "signal",
+        "subject": f"bench {tag} {i:06d} 买入信号 600519.SH",
         "data": {"symbol": "600519.SH", "side": "BUY", "price": 1700.5 + i % 100, "qty": 100},
-    }  # fmt: skip
+    }
 
 
 def _raw_events(tag: str, n: int, ts: float) -> list[str]:
@@ -179,9 +174,11 @@ class SmtpSink:
             port = free_port()
             with self.log.open("ab") as out:
                 proc = subprocess.Popen(
-                    [*argv, f"127.0.0.1:{port}", "256"], stdout=out, stderr=out,
+                    [*argv, f"127.0.0.1:{port}", "256"],
+                    stdout=out,
+                    stderr=out,
                     stdin=subprocess.DEVNULL,
-                )  # fmt: skip
+                )
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and proc.poll() is None:
                 # Only once our process is alive; its banner names the host we gave it.
@@ -225,19 +222,26 @@ class WorkerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> WorkerProcess:
-        env = {
-            k: v for k, v in os.environ.items()
-            if not k.startswith(("NOTIFIER_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))
-            and k != "CREDENTIALS_DIRECTORY"
-        }  # fmt: skip
-        env.update({
-            "NOTIFIER_REDIS_URL": self.lab.redis_url, "NOTIFIER_KEY_PREFIX": PREFIX,
-            "NOTIFIER_WORKER_ID": f"bench-{self.name}", "NOTIFIER_SMTP_HOST": "127.0.0.1",
-            "NOTIFIER_MAIL_FROM": MAIL_FROM, "NOTIFIER_MAIL_TO": MAIL_TO,
-            "NOTIFIER_METRICS_PORT": str(free_port()), "NOTIFIER_LOG_LEVEL": "INFO",
-        })  # fmt: skip
+    def environment(self) -> dict[str, str]:
+        """This process's environment without the service manager's and notifier's variables,
+        then the bench's settings, then this worker's."""
+        inherited = ("NOTIFIER_", "NOTIFY_", "WATCHDOG_", "LISTEN_", "CREDENTIALS_DIRECTORY")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+        env.update(
+            NOTIFIER_REDIS_URL=self.lab.redis_url,
+            NOTIFIER_KEY_PREFIX=PREFIX,
+            NOTIFIER_WORKER_ID=f"bench-{self.name}",
+            NOTIFIER_SMTP_HOST="127.0.0.1",
+            NOTIFIER_MAIL_FROM=MAIL_FROM,
+            NOTIFIER_MAIL_TO=MAIL_TO,
+            NOTIFIER_METRICS_PORT=str(free_port()),
+            NOTIFIER_LOG_LEVEL="INFO",
+        )
         env.update(self.settings)
+        return env
+
+    def start(self) -> WorkerProcess:
+        env = self.environment()
         sock_path = self.lab.tmp / f"notify-{self.name}.sock"
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
@@ -247,9 +251,13 @@ class WorkerProcess:
             env["NOTIFY_SOCKET"] = str(sock_path)
             with self.log.open("ab") as out:
                 self.proc = subprocess.Popen(
-                    [sys.executable, *self.command], cwd=self.lab.tmp, env=env,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                )  # fmt: skip
+                    [sys.executable, *self.command],
+                    cwd=self.lab.tmp,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
                 if self.proc.poll() is not None:
@@ -278,10 +286,10 @@ class WorkerProcess:
         return " | ".join(text.splitlines()[-lines:])
 
     def cpu_s(self) -> float:
-        return _proc_cpu_s(self.pid)
+        return proc_cpu_s(self.pid)
 
     def memory_mb(self) -> tuple[float, float]:
-        return _proc_memory_mb(self.pid)
+        return proc_memory_mb(self.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -301,21 +309,6 @@ class WorkerProcess:
                     f"worker {self.name}: did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM "
                     "(killed; after the measurement)"
                 )
-
-
-def _helper(mode: str, config: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run an old-recipe or bare-sender process (``python -m worker.bench``); its JSON."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "worker.bench", mode, json.dumps(config)],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{mode} did not finish within {timeout:.0f} s") from None
-    if done.returncode != 0:
-        raise BenchError(f"{mode} failed ({done.returncode}): {done.stderr.strip()[-600:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 # ====================================================================== the lab
@@ -377,9 +370,11 @@ class Lab:
             from ..devtools.smtp_server import SMTPTestServer
 
             smtp = SMTPTestServer(
-                tls="ssl", ssl_context=self.tls["server_context"], auth={USER: PASSWORD},
+                tls="ssl",
+                ssl_context=self.tls["server_context"],
+                auth={USER: PASSWORD},
                 pipelining=True,
-            )  # fmt: skip
+            )
             smtp.start()
             self._stack.callback(smtp.stop)
             return smtp
@@ -424,9 +419,10 @@ class Lab:
     def delivered(self) -> int:
         return int(self.redis.hget(KEYS.counters, "delivered") or 0)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[DeliveryRecord]:
+        """The worker's records of what it delivered (sent events and digests), newest first."""
         raw: list[bytes] = self.redis.lrange(KEYS.deliveries, 0, -1)  # type: ignore[assignment]
-        return [r for r in map(json.loads, raw) if r.get("o") == "sent"]
+        return [r for r in map(DeliveryRecord.from_json, raw) if r.delivered]
 
     def push_raw(self, events: Sequence[str], *, chunk: int = 1000) -> None:
         """LPUSH many events in one round trip (one transaction)."""
@@ -471,10 +467,12 @@ class Lab:
     # -- settings -----------------------------------------------------------------------
     def tls_auth_settings(self, port: int, lanes: int | None = None) -> dict[str, str]:
         s = {
-            "NOTIFIER_SMTP_PORT": str(port), "NOTIFIER_SMTP_TLS": "ssl",
-            "NOTIFIER_SMTP_CA_FILE": str(self.tls["ca_file"]), "NOTIFIER_SMTP_USERNAME": USER,
+            "NOTIFIER_SMTP_PORT": str(port),
+            "NOTIFIER_SMTP_TLS": "ssl",
+            "NOTIFIER_SMTP_CA_FILE": str(self.tls["ca_file"]),
+            "NOTIFIER_SMTP_USERNAME": USER,
             "NOTIFIER_SMTP_PASSWORD": PASSWORD,
-        }  # fmt: skip
+        }
         if lanes:
             s["NOTIFIER_CONCURRENCY"] = str(lanes)
         return s
@@ -485,7 +483,15 @@ class Lab:
             s["NOTIFIER_CONCURRENCY"] = str(lanes)
         return s
 
-    def add_target(self, name: str, limit: str, measured: float | None, ok: bool | None,
-                   fmt: str = "{:.1f} ms") -> None:  # fmt: skip
+    def add_target(
+        self,
+        name: str,
+        *,
+        limit: str,
+        measured: float | None,
+        ok: bool | None,
+        fmt: str = "{:.1f} ms",
+    ) -> None:
+        """A line of the targets table: ``ok`` None means informative (no pass or fail)."""
         shown = "not measured" if measured is None else fmt.format(measured)
         self.targets.append(Target(name, limit, shown, None if measured is None else ok))

@@ -16,16 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..demo import dev_tools_missing
-from .lab import (
-    SMTP_SINK,
-    Lab,
-    Plan,
-    _progress,
-)
-from .scenarios import (
-    SCENARIOS,
-)
+from .lab import SMTP_SINK, Lab, Plan, _progress
+from .scenarios import SCENARIOS
 
 
 # ====================================================================== report
@@ -45,8 +37,23 @@ def _machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPU(s) {model}, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, load average at start {load}")  # fmt: skip
+    python = platform.python_version()
+    return (
+        f"{os.cpu_count()} CPU(s) {model}, Linux {platform.release()}, Python {python}, "
+        f"load average at start {load}"
+    )
+
+
+def _command(*, quick: bool, rtt_ms: float, as_json: bool) -> str:
+    """The command line that reproduces this run."""
+    words = ["notifier bench"]
+    if quick:
+        words.append("--quick")
+    if rtt_ms != 50.0:
+        words.append(f"--rtt-ms {rtt_ms:g}")
+    if as_json:
+        words.append("--json")
+    return " ".join(words)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -79,6 +86,10 @@ def _missing() -> str | None:
         return "redis-server is missing: apt-get install redis-server (or run `make bench`)"
     if not os.access(SMTP_SINK, os.X_OK):
         return f"{SMTP_SINK} is missing: apt-get install postfix (or run `make bench`)"
+    # Imported here: worker.demo imports the worker's runtime, which the helper processes
+    # (python -m worker.bench, measured for RSS) have no use for.
+    from ..demo import dev_tools_missing
+
     if problem := dev_tools_missing("bench"):
         return problem
     if os.geteuid() == 0:
@@ -109,8 +120,7 @@ def bench(
     if problem:
         print(f"notifier bench: {problem}", file=sys.stderr)
         return 2
-    command = "notifier bench" + (" --quick" if quick else "") + (
-        f" --rtt-ms {rtt_ms:g}" if rtt_ms != 50.0 else "") + (" --json" if as_json else "")  # fmt: skip
+    command = _command(quick=quick, rtt_ms=rtt_ms, as_json=as_json)
     machine, date, started = _machine(), time.strftime("%Y-%m-%d %H:%M %Z"), time.monotonic()
     broken: list[str] = []
     with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
@@ -133,10 +143,17 @@ def bench(
         finally:
             lab.close()
     report = {
-        "command": command, "date": date, "machine": machine, "rtt_ms": rtt_ms, "quick": quick,
-        "wall_s": time.monotonic() - started, "rows": [asdict(r) for r in lab.rows],
-        "targets": [asdict(t) for t in lab.targets], "notes": lab.notes, "broken": broken,
-    }  # fmt: skip
+        "command": command,
+        "date": date,
+        "machine": machine,
+        "rtt_ms": rtt_ms,
+        "quick": quick,
+        "wall_s": time.monotonic() - started,
+        "rows": [asdict(r) for r in lab.rows],
+        "targets": [asdict(t) for t in lab.targets],
+        "notes": lab.notes,
+        "broken": broken,
+    }
     if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:

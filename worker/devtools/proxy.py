@@ -365,10 +365,9 @@ class ProxyProcess(LocalServer):
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> ProxyProcess:
-        argv = [
-            sys.executable, "-m", "worker.devtools.proxy",
-            "--target", f"{self.target[0]}:{self.target[1]}", "--rtt-ms", str(self.rtt_ms),
-        ]  # fmt: skip
+        target = f"{self.target[0]}:{self.target[1]}"
+        argv = [sys.executable, "-m", "worker.devtools.proxy", "--target", target]
+        argv += ["--rtt-ms", str(self.rtt_ms)]
         if not self.emulate_handshake:
             argv.append("--no-handshake")
         self._proc = subprocess.Popen(

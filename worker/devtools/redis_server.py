@@ -91,16 +91,18 @@ class RedisServer(LocalServer):
     # -- lifecycle --------------------------------------------------------------------
 
     def _argv(self, port: int) -> list[str]:
-        argv = [
-            _redis_executable(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "no",
-            "--daemonize", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(self.log_path),
-            "--loglevel", "notice",
-        ]  # fmt: skip
+        options = {
+            "port": str(port),
+            "bind": "127.0.0.1",
+            "protected-mode": "no",
+            "daemonize": "no",
+            "dir": str(self.dir),
+            "logfile": str(self.log_path),
+            "loglevel": "notice",
+        }
+        argv = [_redis_executable()]
+        for name, value in options.items():
+            argv += [f"--{name}", value]
         if self.appendonly:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
