@@ -20,7 +20,7 @@ import json
 import math
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -301,7 +301,3 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
         return Event.model_validate(obj)
     except ValidationError as exc:
         raise InvalidEvent(_describe(exc)) from None
-
-
-def now_ts() -> float:
-    return datetime.now(UTC).timestamp()

@@ -17,6 +17,7 @@ import redis.asyncio as aredis
 import redis.exceptions
 
 from producer.keys import Keys
+from tests.support.helpers import sent_marks
 from worker.queue import Queue, connect
 from worker.records import DeliveryRecord
 
@@ -134,7 +135,7 @@ async def test_ack_removes_exactly_that_element_and_marks_sent(q, r):
     assert sorted(await lrange(r, KEYS.processing("w1"))) == sorted([same, ev(2)])
     assert await r.get(KEYS.sent("e1")) is not None
     assert 3500 < await r.ttl(KEYS.sent("e1")) <= 3600
-    assert await q.sent_marks(["e1", "edup", "e2"]) == [True, True, False]
+    assert await sent_marks(q, ["e1", "edup", "e2"]) == [True, True, False]
     records = [json.loads(x) for x in await lrange(r, KEYS.deliveries)]
     assert [x["id"] for x in records] == ["edup", "e1"]  # newest first
     assert R(records[1]) == DeliveryRecord(round(record.t, 3), record.status, "e1", latency_s=0.05)
@@ -149,7 +150,7 @@ async def test_ack_many_in_one_round_trip(q, r):
         q.ack(ev(3), q.claim_for("e3", "t"), R({"o": "sent"})),
     )
     assert await lrange(r, KEYS.processing("w1")) == [ev(2)]
-    assert await q.sent_marks(["e1", "e2", "e3"]) == [True, False, True]
+    assert await sent_marks(q, ["e1", "e2", "e3"]) == [True, False, True]
 
 
 async def test_deliveries_are_capped(make_queue, r):
@@ -206,7 +207,7 @@ async def test_split_acks_and_schedules_the_refused_part(q, r):
         time.time() + 5,
     )
     assert await r.llen(KEYS.processing("w1")) == 0
-    assert await q.sent_marks(["e1"]) == [True]
+    assert await sent_marks(q, ["e1"]) == [True]
     assert await r.zcard(KEYS.retry) == 1
 
 

@@ -43,6 +43,7 @@ from tests.support.helpers import (
     clean_env,
     is_digest,
     mail_ids,
+    sent_marks,
     text_of,
 )
 from worker.compose import Composer, delayed_prefix, format_delay, repeated_note
@@ -179,7 +180,7 @@ async def test_hold_take_digest_and_ack(q: Queue, redis_url: str):
             DeliveryRecord(T0, Status.DIGEST, "d1", count=5),
         )
         assert r.llen(q.processing) == 0
-        assert all(await q.sent_marks([f"h{i}" for i in range(5)]))
+        assert all(await sent_marks(q, [f"h{i}" for i in range(5)]))
         counters = await q.counters()
         assert counters["digested"] == 5
         assert counters["delivered"] == 1  # one mail
@@ -239,7 +240,7 @@ async def test_burst_of_100_against_10_per_window_fake_clock(make_rig, smtp_serv
     counters = await rig.queue.counters()
     assert counters["digested"] == 85
     assert counters["delivered"] == 16  # 15 mails for single events + 1 digest mail
-    assert all(await rig.queue.sent_marks([f"b{i:03d}" for i in range(100)]))
+    assert all(await sent_marks(rig.queue, [f"b{i:03d}" for i in range(100)]))
     # `notifier stats` counts every digested event as delivered, with its own latency
     from worker.cli import stats_snapshot
 

@@ -1,8 +1,10 @@
-"""The exceptions of the worker, one tree (classification of SMTP failures is in mailer.py)::
+"""The exceptions of the worker, one tree (each channel classifies its own failures: SMTP's in
+mailer.py, through :meth:`worker.channels.base.Channel.classify`)::
 
 NotifierError
  ├── SettingsError             a setting is missing or wrong (settings.py)
- └── SendError                 one delivery attempt failed; .code, .reply, .retry_in_s
+ └── SendError                 one delivery attempt failed; .code (the reply code, if any),
+      │                        .message, .hint (how to fix it, shown with the message)
       ├── TransientError       connect errors, timeouts, disconnects, 4xx, 552 -> retry
       ├── ThrottledError       the provider says too fast / quota -> longer back-off
       ├── PermanentError       other 5xx (mailbox unavailable, spam) -> dead letter now

@@ -49,7 +49,7 @@ BUCKETS = (
     10.0,
 )
 RETRY_REASONS = ("transient", "throttled")
-DEAD_REASONS = ("permanent", "invalid", "exhausted", "expired", "recipient", "internal")
+DEAD_REASONS = ("permanent", "invalid", "exhausted", "expired", "internal")
 
 
 class Metrics:

@@ -1,19 +1,28 @@
 """Every Redis command and Lua script of the worker (key names: :mod:`producer.keys`).
 
-Invariant: an event is in exactly one of queue, processing, retry or dead, or it has been
-accepted by the SMTP server. Each move below is one atomic step (LMOVE/BLMOVE, MULTI or Lua):
+Invariant: an event is in exactly one of queue, processing, retry, held or dead, or it has
+been delivered. Each move below is one atomic step (LMOVE/BLMOVE, MULTI or a Lua script
+declared with ``#!lua``, so that a full Redis refuses it whole):
 
-* :meth:`Queue.fetch`     queue -> processing:<wid>   (Lua batch when deep, BLMOVE when empty)
-* :meth:`Queue.ack`       processing -> gone, + sent mark, delivery record, counters (Lua)
-* :meth:`Queue.retry`     processing -> retry zset scored by due time (Lua)
-* :meth:`Queue.bury`      processing -> dead (Lua)
-* :meth:`Queue.requeue`   processing -> front of queue (Lua; config pause, shutdown)
+* :meth:`Queue.fetch_ready`, :meth:`Queue.fetch_blocking`  queue -> processing:<wid>
+* :meth:`Queue.claim`     the event id's claim (``sending:<id>``) for one handling
+* :meth:`Queue.ack`       processing -> gone, + sent mark, claim released, record, counters
+* :meth:`Queue.split`     delivered, + a retry of its own for refused recipients
+* :meth:`Queue.retry`     processing -> retry zset scored by due time
+* :meth:`Queue.bury`      processing -> dead
+* :meth:`Queue.requeue`   processing -> front of queue (every channel paused, fenced)
+* :meth:`Queue.drop`      processing -> gone (a duplicate, a suppressed repeat)
+* :meth:`Queue.hold`      processing -> held:<group> (a digest); :meth:`Queue.take_digest` back
+* :meth:`Queue.schedule`  due retry entries -> front of queue (safe with many workers)
+* :meth:`Queue.recover`   processing lists of workers whose heartbeat expired -> queue
+* :meth:`Queue.reconcile` what a lost fetch reply left in processing -> queue
 
-retry/bury/requeue act only while the event is still in this worker's processing list, so a
-worker that was taken for dead (and whose events were recovered), or a call retried after a
-lost reply, never adds a second copy.
-* :meth:`Queue.schedule`  due retry entries -> front of queue (Lua; safe with many workers)
-* :meth:`Queue.recover`   processing lists of workers whose heartbeat expired -> queue (Lua)
+Settling (ack and the rest) acts only while the event is still in this worker's processing
+list, so a worker that was taken for dead (and whose events were recovered), or a call
+retried after a lost reply, never adds a second copy; it always releases this worker's own
+claim. Every settling step writes the delivery record (:mod:`worker.records`) with it.
+With a :class:`Guard` (the worker's, :mod:`worker.outage`), every operation waits out a
+Redis outage; without one (the CLI, tests) errors are raised.
 """
 
 from __future__ import annotations
@@ -515,12 +524,6 @@ class Queue:
         """Wait up to timeout_s for one event (BLMOVE on the given, dedicated connection)."""
         res = await redis.blmove(self.keys.queue, self.processing, _v(timeout_s), "RIGHT", "LEFT")
         return cast(bytes | None, res)
-
-    async def sent_marks(self, ids: Sequence[str]) -> list[bool]:
-        if not ids:
-            return []
-        res = await self.redis.mget([self.keys.sent(i) for i in ids])
-        return [v is not None for v in res]
 
     def claim_for(self, event_id: str, token: str) -> Claim:
         """The claim this worker makes on ``event_id`` for one handling named ``token``."""

@@ -42,6 +42,7 @@ from producer.event import Event, parse_event
 from producer.keys import Keys
 from worker.core import build_core
 from worker.devtools.smtp_server import Received, SMTPTestServer
+from worker.queue import Queue
 from worker.settings import Settings
 from worker.settle import Outcome
 
@@ -204,6 +205,11 @@ def push(r: redis.Redis, *events: dict[str, Any] | str | bytes) -> None:
 def queued(r: redis.Redis, prefix: str = PREFIX) -> list[Event]:
     """The queue's events, oldest first (producers LPUSH, the worker takes from the right)."""
     return [parse_event(raw) for raw in reversed(r.lrange(f"{prefix}:queue", 0, -1))]
+
+
+async def sent_marks(q: Queue, ids: list[str]) -> list[bool]:
+    """Which of these ids carry the "delivered" mark."""
+    return [bool(await q.redis.exists(q.keys.sent(i))) for i in ids]
 
 
 def dead_letters(r: redis.Redis) -> list[dict[str, Any]]:
