@@ -15,6 +15,7 @@ import pytest
 
 from producer.event import MAX_SUBJECT_CHARS, Event
 from worker.compose import Composer, message_id, render_subject
+from worker.content import build_alert, build_digest
 from worker.mailer import message_bytes
 
 FROM = "量化提醒 <alerts@example.com>"
@@ -105,8 +106,13 @@ def test_subject_argument_overrides():
     _, msg = sent(event(subject="original"), composer=None)
     assert msg["Subject"] == "original"
     composer = Composer(mail_from=FROM)
-    m = composer.compose(event(subject="x"), event_id="e", recipients=["a@example.com"],
-                         subject="replaced", extra_headers={"X-Test": "1"})  # fmt: skip
+    m = composer.compose(
+        event(subject="x"),
+        event_id="e",
+        recipients=["a@example.com"],
+        subject="replaced",
+        extra_headers={"X-Test": "1"},
+    )
     assert m["Subject"] == "replaced" and m["X-Test"] == "1"
 
 
@@ -115,9 +121,14 @@ def test_subject_argument_overrides():
 
 def test_multipart_alternative_plain_and_html():
     ev = event(
-        id="evt-2", ts=1700000000, subject="止损触发", strategy="ma_cross", kind="order",
-        body="价格跌破止损线\n第二行", data={"symbol": "600519.SH", "price": 1700.5, "qty": 100},
-    )  # fmt: skip
+        id="evt-2",
+        ts=1700000000,
+        subject="止损触发",
+        strategy="ma_cross",
+        kind="order",
+        body="价格跌破止损线\n第二行",
+        data={"symbol": "600519.SH", "price": 1700.5, "qty": 100},
+    )
     _, msg = sent(ev)
     assert msg.get_content_type() == "multipart/alternative"
     types = [p.get_content_type() for p in msg.iter_parts()]
@@ -191,21 +202,34 @@ def test_no_header_injection_from_data_or_strategy():
 @pytest.mark.parametrize(
     ("fields", "subject"),
     [
-        ({"kind": "signal", "strategy": "ma_cross",
-          "data": {"symbol": "600519.SH", "side": "buy", "price": 1700.5, "qty": 100}},
-         "[BUY] 600519.SH 100 @ 1700.50 · ma_cross"),
-        ({"data": {"symbol": "BTC-USDT", "side": "SELL", "price": 97250.0, "qty": 0.05}},
-         "[SELL] BTC-USDT 0.05 @ 97250.00"),
+        (
+            {
+                "kind": "signal",
+                "strategy": "ma_cross",
+                "data": {"symbol": "600519.SH", "side": "buy", "price": 1700.5, "qty": 100},
+            },
+            "[BUY] 600519.SH 100 @ 1700.50 · ma_cross",
+        ),
+        (
+            {"data": {"symbol": "BTC-USDT", "side": "SELL", "price": 97250.0, "qty": 0.05}},
+            "[SELL] BTC-USDT 0.05 @ 97250.00",
+        ),
         ({"data": {"symbol": "X", "side": "buy", "price": 0.000123}}, "[BUY] X @ 0.000123"),
         ({"data": {"symbol": "X", "side": "buy"}, "strategy": "s"}, "[BUY] X · s"),
-        ({"kind": "error", "body": "\n  broker API timeout  \nstack...", "strategy": "grid"},
-         "[ERROR] broker API timeout · grid"),
-        ({"data": {"pnl": 1.5, "dd": -0.02, "n": 3, "ok": True, "fifth": 5}},
-         "[INFO] pnl=1.5, dd=-0.02, n=3, ok=True"),
-        ({"subject": "止损触发 600519", "strategy": "ignored when a subject is given"},
-         "止损触发 600519"),
+        (
+            {"kind": "error", "body": "\n  broker API timeout  \nstack...", "strategy": "grid"},
+            "[ERROR] broker API timeout · grid",
+        ),
+        (
+            {"data": {"pnl": 1.5, "dd": -0.02, "n": 3, "ok": True, "fifth": 5}},
+            "[INFO] pnl=1.5, dd=-0.02, n=3, ok=True",
+        ),
+        (
+            {"subject": "止损触发 600519", "strategy": "ignored when a subject is given"},
+            "止损触发 600519",
+        ),
     ],
-)  # fmt: skip
+)
 def test_rendered_subjects(fields, subject):
     ev = event(**fields)
     assert render_subject(ev) == subject
@@ -272,3 +296,87 @@ def test_from_display_name_keeps_its_spaces():
     composer = Composer(mail_from='"Quant  Desk" <alerts@example.com>')
     _, msg = sent(event(subject="s"), composer=composer)
     assert msg["From"].addresses[0].display_name == "Quant  Desk"
+
+
+# -- rendered from the neutral content (worker/content.py) ------------------------------------
+
+ALERTS = [
+    {"id": "a1", "subject": "止损触发 600519", "strategy": "ma_cross", "ts": 1700000000.5},
+    {
+        "id": "a2",
+        "severity": "critical",
+        "kind": "fill",
+        "body": "第一行\n第二行",
+        "data": {"symbol": "600519.SH", "side": "buy", "price": 1700.5, "qty": 100},
+    },
+    {"id": "a<3>", "data": {"pnl": -0.0123, "ok": True}, "strategy": "均线 策略"},
+]
+
+
+@pytest.mark.parametrize("fields", ALERTS, ids=lambda f: f["id"])
+def test_compose_is_render_mail_of_the_alert(fields: dict[str, object]) -> None:
+    ev = event(**fields)
+    composer = Composer(mail_from=FROM)
+    kw = {"recipients": ["trader@example.com"], "sender": "备用 <b@example.com>"}
+    notes = ["repeated 3× in 5 min"]
+    composed = composer.compose(ev, event_id=str(fields["id"]), notes=notes, **kw)
+    alert = build_alert(ev, event_id=str(fields["id"]), notes=notes)
+    rendered = composer.render_mail(alert, **kw)
+    assert rendered.draft == composed.draft
+    assert rendered.subject == alert.subject == render_subject(ev)
+    assert rendered.message_id == composed.message_id
+
+
+def test_render_mail_shows_the_alerts_prefixes_and_notes() -> None:
+    alert = build_alert(
+        event(subject="止损", severity="critical", ts=1700000000),
+        event_id="e1",
+        delayed_s=192,
+        notes=["此前 5 分钟内重复 37 次（已合并）"],
+        locale="zh",
+    )
+    mail = Composer(mail_from=FROM).render_mail(alert, recipients=["t@example.com"])
+    assert mail["Subject"] == "[延迟 3分12秒] [CRITICAL] 止损"
+    plain, html = parts(mail.message())
+    assert ">> 此前 5 分钟内重复 37 次（已合并）" in plain
+    assert "此前 5 分钟内重复 37 次（已合并）</p>" in html
+
+
+def test_compose_digest_is_render_digest_of_the_digest() -> None:
+    items = [
+        ("d2", event(subject="second", kind="fill", strategy="s", ts=1700000010)),
+        ("d1", event(body="first\nline", strategy="s", ts=1700000000, data={"px": 1.5})),
+    ]
+    composer = Composer(mail_from=FROM)
+    kw = {"recipients": ["trader@example.com"], "sender": None}
+    composed = composer.compose_digest(items, reason="qq: rate limit 20/min reached", **kw)
+    digest = build_digest(items, reason="qq: rate limit 20/min reached")
+    rendered = composer.render_digest(digest, **kw)
+    assert rendered.draft == composed.draft
+    assert rendered.subject == digest.subject == "[DIGEST] 2 alerts: 1 info, 1 fill · s"
+    plain, html = parts(rendered.message())
+    assert "2 alerts in one mail (qq: rate limit 20/min reached)" in plain
+    assert plain.index("(event d1)") < plain.index("(event d2)")
+    assert "px: 1.50" in plain and "px=1.50" in html
+
+
+def test_templates_can_read_the_alert_and_the_event(tmp_path: Path) -> None:
+    (tmp_path / "mail.txt.j2").write_text(
+        "{{ alert.subject }}|{{ alert.thread.key }}|{{ event.kind }}|"
+        "{% for k, v in alert.rows %}{{ k }}={{ v }};{% endfor %}\n",
+        encoding="utf-8",
+    )
+    composer = Composer(mail_from=FROM, template_dir=tmp_path)
+    ev = event(subject="止损", kind="fill", strategy="s", ts=1700000000, data={"px": 1.5})
+    plain, _ = parts(sent(ev, composer=composer)[1])
+    day = time.strftime("%Y%m%d", time.localtime(1700000000))
+    assert plain.strip() == f"止损|s/{day}|fill|px=1.50;"
+
+
+def test_the_words_live_in_content_and_compose_re_exports_them() -> None:
+    from worker import compose, content
+
+    for name in ("render_subject", "delayed_prefix", "format_delay", "repeated_note", "event_key"):
+        assert getattr(compose, name) is getattr(content, name), name
+    source = Path(compose.__file__).read_text(encoding="utf-8")
+    assert "fmt: skip" not in source

@@ -187,13 +187,22 @@ def test_every_mail_says_it_is_auto_generated() -> None:
 # -- 4. one Message-ID per event ---------------------------------------------------------------
 
 
+FILL = {
+    "id": "fill-42",
+    "ts": 1700000000.25,
+    "subject": "filled",
+    "body": "b",
+    "data": {"px": 1.5},
+    "strategy": "s",
+}
+
+
 def _mid(ev: Event, **kw: Any) -> str:
     return str(parse(compose(ev, **kw).data)["Message-ID"])
 
 
 def test_the_same_event_keeps_its_message_id() -> None:
-    fields = {"id": "fill-42", "ts": 1700000000.25, "subject": "filled", "body": "b",
-              "data": {"px": 1.5}, "strategy": "s"}  # fmt: skip
+    fields = FILL
     first = _mid(event(**fields))
     # a retry (other attempts, other DELAYED subject) or a duplicate copy of the same event
     again = event(**fields).with_meta(attempts=3, last_error="451", first_seen=1700000001.0)
@@ -205,12 +214,17 @@ def test_the_same_event_keeps_its_message_id() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"ts": 1700086400.25}, {"subject": "filled again"}, {"body": "other"},
-     {"data": {"px": 1.6}}, {"strategy": "t"}, {"severity": "critical"}],
-)  # fmt: skip
+    [
+        {"ts": 1700086400.25},
+        {"subject": "filled again"},
+        {"body": "other"},
+        {"data": {"px": 1.6}},
+        {"strategy": "t"},
+        {"severity": "critical"},
+    ],
+)
 def test_a_new_event_reusing_an_id_gets_a_new_message_id(change: dict[str, Any]) -> None:
-    fields = {"id": "fill-42", "ts": 1700000000.25, "subject": "filled", "body": "b",
-              "data": {"px": 1.5}, "strategy": "s"}  # fmt: skip
+    fields = FILL
     assert _mid(event(**fields)) != _mid(event(**(fields | change)))
 
 

@@ -1,9 +1,13 @@
-"""Event -> the bytes of a MIME mail: headers, a plain-text part and an HTML part.
+"""Alert -> the bytes of a MIME mail: headers, a plain-text part and an HTML part.
 
-Composition first says what the mail says, as a :class:`Draft` (subject, sender,
-recipients, the other headers, the two texts); :func:`mime_bytes` then writes it. The MIME
-is written directly, not with ``email.message.EmailMessage``: that costs ~2 ms of CPU a
-mail, most of the worker's time at high rates, where this costs ~0.1 ms. What the writer
+What an alert says is decided once for every channel, in ``worker/content.py``
+(:class:`~worker.content.Alert`, :class:`~worker.content.Digest`); this module renders it
+as mail. :meth:`Composer.render_mail` / :meth:`Composer.render_digest` say what the mail
+says, as a :class:`Draft` (subject, sender, recipients, the other headers, the two texts);
+:func:`mime_bytes` then writes it. :meth:`Composer.compose` / :meth:`Composer.compose_digest`
+do both steps from events. The MIME is written directly, not with
+``email.message.EmailMessage``: that costs ~2 ms of CPU a mail, most of the worker's time at
+high rates, where this costs ~0.1 ms. What the writer
 guarantees (and ``tests/test_mail_differential.py`` checks against the standard library on
 random input):
 
@@ -36,14 +40,12 @@ import email
 import email.policy
 import functools
 import hashlib
-import json
 import re
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 from pathlib import Path
@@ -51,10 +53,26 @@ from typing import Any
 
 import jinja2
 
-from producer.event import MAX_SUBJECT_CHARS, Event
+from producer.event import Event
+
+from .content import (
+    SEVERITY_LABEL,
+    Alert,
+    Digest,
+    Thread,
+    build_alert,
+    build_digest,
+    delayed_prefix,
+    event_key,
+    format_delay,
+    format_value,
+    render_subject,
+    repeated_note,
+)
 
 __all__ = [
     "AUTO_HEADERS",
+    "SEVERITY_LABEL",
     "Composer",
     "Draft",
     "Mail",
@@ -68,54 +86,10 @@ __all__ = [
 ]
 
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_SPACES = re.compile(r"\s+")
-SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
 SEVERITY_COLOUR = {"info": "#2f6fbf", "warning": "#c77c00", "critical": "#c62828"}
 
 # RFC 3834 and Exchange's equivalent: no vacation replies, receipts or other auto-answers.
 AUTO_HEADERS = (("Auto-Submitted", "auto-generated"), ("X-Auto-Response-Suppress", "All"))
-
-
-def _line(value: Any) -> str:
-    """Any value as one line of text (headers never get CR/LF from data)."""
-    return _SPACES.sub(" ", str(value)).strip()
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.6g}"
-    return _line(value)
-
-
-def render_subject(event: Event) -> str:
-    """The subject line: the event's own exactly as sent (the contract already refuses
-    control characters), or one rendered from it (at most the contract's 256 characters);
-    ``[CRITICAL]`` prefixed."""
-    if event.subject and not event.subject.isspace():
-        subject = event.subject
-    else:
-        data = event.data or {}
-        side, symbol = data.get("side"), data.get("symbol")
-        if side is not None and symbol is not None:
-            subject = f"[{_line(side).upper()}] {_line(symbol)}"
-            if data.get("qty") is not None:
-                subject += f" {_number(data['qty'])}"
-            if data.get("price") is not None:
-                subject += f" @ {_number(data['price'])}"
-        else:
-            first = (event.body or "").strip().splitlines()
-            text = (
-                _line(first[0])
-                if first
-                else ", ".join(f"{_line(k)}={_line(v)}" for k, v in list(data.items())[:4])
-            )
-            subject = f"[{event.kind.upper()}] {text}" if text else f"[{event.kind.upper()}]"
-        if event.strategy:
-            subject += f" · {event.strategy}"
-        subject = _line(subject)[:MAX_SUBJECT_CHARS]
-    if event.severity == "critical" and not subject.upper().startswith("[CRITICAL]"):
-        subject = f"[CRITICAL] {subject}"
-    return subject
 
 
 def _id_part(event_id: str, size: int = 32) -> str:
@@ -130,24 +104,6 @@ def message_id(event_id: str, domain: str) -> str:
     """``<event-id@domain>``; ids that are not a valid dot-atom are hashed. (What
     ``X-Notifier-Event-Id`` shows for such ids; the Message-ID adds :func:`event_key`.)"""
     return f"<{_id_part(event_id)}@{domain}>"
-
-
-def event_key(event: Event) -> str:
-    """12 hex digits that tell events apart beyond their id: a hash of ``ts`` and the
-    content (subject, body, data, strategy, kind, severity). A retry or a duplicate copy
-    has the same key (``_meta``, recipients and the worker's subject prefixes are left
-    out); a new event that reuses an id after its sent mark expired has another."""
-    identity = (
-        event.ts,
-        event.subject,
-        event.body,
-        event.data,
-        event.strategy,
-        event.kind,
-        event.severity,
-    )
-    text = json.dumps(identity, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()
 
 
 class Mail:
@@ -330,6 +286,7 @@ def _text_part(subtype: str, text: str) -> bytes:
 
 
 _AUTO = "".join(f"{n}: {v}\r\n" for n, v in AUTO_HEADERS)
+_CRLF = "\r\n"
 
 
 def mime_bytes(draft: Draft, *, date: str | None = None) -> bytes:
@@ -347,15 +304,12 @@ def mime_bytes(draft: Draft, *, date: str | None = None) -> bytes:
         else:
             lines.append(_text_header(name, value))
     boundary = f"=_notifier_{uuid.uuid4().hex}"
+    lines.append(_AUTO + "MIME-Version: 1.0")
+    lines.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n')
     sep = f"--{boundary}\r\n".encode("ascii")
-    return b"".join((
-        "\r\n".join(lines).encode("ascii"), b"\r\n", _AUTO.encode("ascii"),
-        b"MIME-Version: 1.0\r\n",
-        f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n'.encode("ascii"),
-        sep, _text_part("plain", draft.text), b"\r\n",
-        sep, _text_part("html", draft.html), b"\r\n",
-        f"--{boundary}--\r\n".encode("ascii"),
-    ))  # fmt: skip
+    parts = (sep, _text_part("plain", draft.text), b"\r\n", sep, _text_part("html", draft.html))
+    end = f"\r\n--{boundary}--\r\n".encode("ascii")
+    return b"".join((_CRLF.join(lines).encode("ascii"), *parts, end))
 
 
 @functools.lru_cache(maxsize=64)
@@ -392,27 +346,27 @@ class Composer:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters["num"] = _number
+        self.env.filters["num"] = format_value  # values are text already; kept for old templates
         self._txt = self.env.get_template("mail.txt.j2")
         self._html = self.env.get_template("mail.html.j2")
 
-    def context(self, event: Event, event_id: str, subject: str) -> dict[str, Any]:
-        produced = datetime.fromtimestamp(event.ts).astimezone() if event.ts else None
+    def context(self, alert: Alert) -> dict[str, Any]:
+        """What the mail templates see: the alert (``alert``) and, by the names the
+        templates have always used, its fields (``data`` is its rows, values as text)."""
         return {
-            "event": event,
-            "id": event_id,
-            "subject": subject,
-            "severity": event.severity,
-            "severity_label": SEVERITY_LABEL[event.severity],
-            "colour": SEVERITY_COLOUR[event.severity],
-            "strategy": event.strategy,
-            "kind": event.kind,
-            "body": event.body,
-            "data": list((event.data or {}).items()),
-            "produced": produced.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + produced.strftime(" %z")
-            if produced
-            else None,
-            "notes": [],
+            "alert": alert,
+            "event": alert.source,
+            "id": alert.event_id,
+            "subject": alert.subject,
+            "severity": alert.severity,
+            "severity_label": SEVERITY_LABEL[alert.severity],
+            "colour": SEVERITY_COLOUR[alert.severity],
+            "strategy": alert.strategy,
+            "kind": alert.kind,
+            "body": alert.text,
+            "data": alert.rows,
+            "produced": alert.produced,
+            "notes": alert.notes,
         }
 
     def compose(
@@ -426,25 +380,51 @@ class Composer:
         notes: Sequence[str] = (),
         sender: str | None = None,
     ) -> Mail:
-        """One event's mail. ``notes`` are shown above the body (e.g. "repeated 37× in
-        5 min"); ``sender`` replaces MAIL_FROM (a failover account's own address)."""
-        subject = subject or render_subject(event)
-        ctx = self.context(event, event_id, subject)
-        ctx["notes"] = list(notes)
-        left = _id_part(event_id)
+        """One event's mail: :func:`~worker.content.build_alert`, then :meth:`render_mail`.
+        ``subject`` replaces the rendered subject line as given; ``notes`` are shown above
+        the body (e.g. "repeated 37× in 5 min"); ``sender`` replaces MAIL_FROM (a failover
+        account's own address)."""
+        alert = build_alert(event, event_id=event_id, subject=subject or None, notes=notes)
+        return self.render_mail(
+            alert, recipients=recipients, sender=sender, extra_headers=extra_headers
+        )
+
+    def render_mail(
+        self,
+        alert: Alert,
+        *,
+        recipients: Sequence[str],
+        sender: str | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Mail:
+        """The mail of one alert: its subject as is, severity and strategy headers, the
+        thread of its strategy and day (``THREAD_BY_DAY``), a Message-ID of its id and
+        content key, and the two templates rendered from :meth:`context`."""
+        left = _id_part(alert.event_id)
         headers = [
-            ("X-Notifier-Event-Id", event_id if left == event_id else f"{left}@{self.domain}"),
-            ("X-Notifier-Severity", event.severity),
+            (
+                "X-Notifier-Event-Id",
+                alert.event_id if left == alert.event_id else f"{left}@{self.domain}",
+            ),
+            ("X-Notifier-Severity", alert.severity),
         ]
-        if event.severity == "critical":
+        if alert.severity == "critical":
             headers += [("X-Priority", "1"), ("Importance", "high")]
-        if event.strategy:
-            headers.append(("X-Notifier-Strategy", event.strategy))
+        if alert.strategy:
+            headers.append(("X-Notifier-Strategy", alert.strategy))
         if self.thread_by_day:
-            headers += self._thread(event.strategy, event.ts)
-        headers += (extra_headers or {}).items()
-        msg_id = f"<{event_key(event)}.{left}@{self.domain}>"
-        return self._mail(ctx, (self._txt, self._html), sender, recipients, msg_id, headers)
+            headers += self._thread(alert.thread)
+        if extra_headers:
+            headers += extra_headers.items()
+        ctx = self.context(alert)
+        return self._mail(
+            subject=alert.subject,
+            texts=(self._txt.render(ctx), self._html.render(ctx)),
+            sender=sender,
+            recipients=recipients,
+            message_id=f"<{alert.key}.{left}@{self.domain}>",
+            headers=headers,
+        )
 
     def compose_digest(
         self,
@@ -455,64 +435,77 @@ class Composer:
         reason: str = "",
     ) -> Mail:
         """One mail for many events (oldest first), sent when the account's rate limit was
-        reached: a table of all of them, the counts in the subject."""
-        ordered = sorted(events, key=lambda ie: ie[1].ts or 0.0)
-        kinds: dict[str, int] = {}
-        strategies: dict[str, int] = {}
-        for _, ev in ordered:
-            kinds[ev.kind] = kinds.get(ev.kind, 0) + 1
-            if ev.strategy:
-                strategies[ev.strategy] = strategies.get(ev.strategy, 0) + 1
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        who = ", ".join(list(strategies)[:3]) + (" …" if len(strategies) > 3 else "")
-        subject = _line(f"[DIGEST] {len(ordered)} alerts: {counts}" + (f" · {who}" if who else ""))
-        rows = []
-        for event_id, ev in ordered:
-            when = datetime.fromtimestamp(ev.ts).astimezone() if ev.ts else None
-            rows.append({
-                "id": event_id, "time": when.strftime("%H:%M:%S") if when else "",
-                "strategy": ev.strategy or "", "kind": ev.kind, "severity": ev.severity,
-                "subject": render_subject(ev), "body": ev.body or "",
-                "data": list((ev.data or {}).items()),
-            })  # fmt: skip
-        ctx = {"subject": subject, "rows": rows, "count": len(rows), "reason": reason,
-               "kinds": kinds, "strategies": strategies}  # fmt: skip
-        first = _id_part(ordered[0][0]) if ordered else "empty"
-        # the digest's identity is its events' (ids and contents): a retry of the same
-        # digest keeps its Message-ID, another set of events gets another
-        key = hashlib.blake2b(
-            "".join(f"{_id_part(i)} {event_key(ev)}\n" for i, ev in ordered).encode("ascii"),
-            digest_size=6,
-        ).hexdigest()
-        headers = [("X-Notifier-Digest", str(len(ordered)))]
-        if self.thread_by_day and len(strategies) == 1:
-            headers += self._thread(next(iter(strategies)), ordered[0][1].ts)
-        msg_id = f"<{key}.digest.{first}.{len(ordered)}@{self.domain}>"
-        templates = (
-            self.env.get_template("digest.txt.j2"),
-            self.env.get_template("digest.html.j2"),
+        reached: :func:`~worker.content.build_digest`, then :meth:`render_digest`."""
+        digest = build_digest(events, reason=reason)
+        return self.render_digest(digest, recipients=recipients, sender=sender)
+
+    def render_digest(
+        self, digest: Digest, *, recipients: Sequence[str], sender: str | None = None
+    ) -> Mail:
+        """The mail of a digest: a table of its events, the counts in the subject. Its
+        Message-ID follows its events (ids and contents): a retry of the same digest keeps
+        it, another set of events gets another."""
+        rows = [
+            {
+                "id": row.event_id,
+                "time": row.time,
+                "strategy": row.strategy or "",
+                "kind": row.kind,
+                "severity": row.severity,
+                "subject": row.subject,
+                "body": row.text,
+                "data": row.rows,
+            }
+            for row in digest.rows
+        ]
+        ctx = {
+            "digest": digest,
+            "subject": digest.subject,
+            "rows": rows,
+            "count": digest.count,
+            "reason": digest.reason,
+            "kinds": dict(digest.kinds),
+            "strategies": dict(digest.strategies),
+        }
+        first = _id_part(digest.rows[0].event_id) if digest.rows else "empty"
+        members = "".join(f"{_id_part(row.event_id)} {row.key}\n" for row in digest.rows)
+        key = hashlib.blake2b(members.encode("ascii"), digest_size=6).hexdigest()
+        headers = [("X-Notifier-Digest", str(digest.count))]
+        if self.thread_by_day and digest.thread is not None:
+            headers += self._thread(digest.thread)
+        texts = (
+            self.env.get_template("digest.txt.j2").render(ctx),
+            self.env.get_template("digest.html.j2").render(ctx),
         )
-        return self._mail(ctx, templates, sender, recipients, msg_id, headers)
+        return self._mail(
+            subject=digest.subject,
+            texts=texts,
+            sender=sender,
+            recipients=recipients,
+            message_id=f"<{key}.digest.{first}.{digest.count}@{self.domain}>",
+            headers=headers,
+        )
 
     def _mail(
         self,
-        ctx: dict[str, Any],
-        templates: tuple[jinja2.Template, jinja2.Template],
+        *,
+        subject: str,
+        texts: tuple[str, str],
         sender: str | None,
         recipients: Sequence[str],
-        msg_id: str,
-        headers: list[tuple[str, str]],
+        message_id: str,
+        headers: Iterable[tuple[str, str]],
     ) -> Mail:
-        text, html = templates
+        text, html = texts
         return Mail.of(
             Draft(
-                subject=ctx["subject"],
+                subject=subject,
                 sender=self._sender(sender),
                 recipients=tuple(recipients),
-                message_id=msg_id,
+                message_id=message_id,
                 headers=tuple(headers),
-                text=text.render(ctx),
-                html=html.render(ctx),
+                text=text,
+                html=html,
             )
         )
 
@@ -522,48 +515,8 @@ class Composer:
         name, address = _parse_sender(sender)
         return name or self.from_name, address
 
-    def _thread(self, strategy: str | None, ts: float | None) -> list[tuple[str, str]]:
+    def _thread(self, thread: Thread) -> list[tuple[str, str]]:
         """A strategy's alerts of one (local) day form one thread in mail clients: each
         refers to the same (virtual) root message."""
-        day = datetime.fromtimestamp(ts or time.time()).astimezone().strftime("%Y%m%d")
-        who = strategy or "notifier"
-        root = f"<thread.{_id_part(who, 16)}.{day}@{self.domain}>"
+        root = f"<thread.{_id_part(thread.strategy, 16)}.{thread.day}@{self.domain}>"
         return [("In-Reply-To", root), ("References", root)]
-
-
-def format_delay(seconds: float, locale: str = "en") -> str:
-    """``3m12s`` / ``3分12秒``; hours and days for long outages."""
-    s = int(seconds)
-    d, rem = divmod(s, 86400)
-    h, rem = divmod(rem, 3600)
-    m, sec = divmod(rem, 60)
-    if locale == "zh":
-        parts = [(d, "天"), (h, "小时"), (m, "分"), (sec, "秒")]
-        return "".join(f"{v}{u}" for v, u in parts if v) or "0秒"
-    parts = [(d, "d"), (h, "h"), (m, "m"), (sec, "s")]
-    return "".join(f"{v}{u}" for v, u in parts if v) or "0s"
-
-
-def delayed_prefix(seconds: float, locale: str = "en") -> str:
-    return (
-        f"[延迟 {format_delay(seconds, 'zh')}]"
-        if locale == "zh"
-        else (f"[DELAYED {format_delay(seconds)}]")
-    )
-
-
-def _span(seconds: float, locale: str) -> str:
-    s = max(1, round(seconds))
-    if locale == "zh":
-        return (
-            f"{s} 秒" if s < 60 else f"{round(s / 60)} 分钟" if s < 3600 else f"{s / 3600:.1f} 小时"
-        )
-    return f"{s} s" if s < 60 else f"{round(s / 60)} min" if s < 3600 else f"{s / 3600:.1f} h"
-
-
-def repeated_note(count: int, since: float, now: float, locale: str = "en") -> str:
-    """``repeated 37× in 5 min``: the suppressed repeats of the previous window."""
-    span = _span(now - since, locale)
-    if locale == "zh":
-        return f"此前 {span}内重复 {count} 次（已合并）"
-    return f"repeated {count}× in {span}"
