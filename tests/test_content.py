@@ -356,13 +356,16 @@ def test_fit_cuts_cjk_on_character_boundaries() -> None:
 
 def test_fit_never_splits_an_emoji_or_a_joined_sequence() -> None:
     family = "👨\u200d👩\u200d👧"
-    text = "ok " + family + " 🚀🚀🚀 " + "e\u0301" * 5
+    text = "ok " + family + " 🚀🚀🚀 " + "e\u0301" * 5 + " 🇨🇳🇺🇸🇯🇵 👍🏽👍🏽 ❤️❤️"
     for limit in range(size(TRUNCATED), size(text)):
         kept = fit(text, limit).removesuffix(TRUNCATED)
         assert size(kept) + size(TRUNCATED) <= limit
         assert text.startswith(kept)
         rest = text[len(kept) :]
         assert not kept.endswith("\u200d")
+        flags = len(kept) - len(kept.rstrip("🇦🇧🇨🇩🇪🇫🇬🇭🇮🇯🇰🇱🇲🇳🇴🇵🇶🇷🇸🇹🇺🇻🇼🇽🇾🇿"))
+        assert flags % 2 == 0, (limit, kept)  # a flag is two regional indicators
+        assert not rest.startswith(("\U0001f3fd", "\ufe0f")), limit  # skin tone, emoji style
         assert not (rest and (unicodedata.combining(rest[0]) or rest[0] == "\u200d")), limit
 
 
