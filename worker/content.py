@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from producer.event import MAX_SUBJECT_CHARS, Event
+from producer.event import MAX_SUBJECT_CHARS, Event, Severity
 
 __all__ = [
     "SEVERITY_LABEL",
@@ -85,7 +85,7 @@ class Alert:
 
     event_id: str
     subject: str
-    severity: str
+    severity: Severity
     strategy: str | None
     kind: str
     text: str
@@ -110,7 +110,7 @@ class DigestRow:
 
     event_id: str
     time: str
-    severity: str
+    severity: Severity
     strategy: str | None
     kind: str
     subject: str
