@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from producer.event import Event, InvalidEvent, new_event_id, parse_event
+from producer.event import InvalidEvent, new_event_id, parse_event
 
 from .channels import Channel, Receipt
-from .compose import Composer, Mail, delayed_prefix, render_subject, repeated_note
+from .content import Alert, Digest, build_alert, build_digest, repeated_note
 from .errors import (
     ConfigurationError,
     PermanentError,
@@ -79,38 +79,6 @@ class _NotComposed:
 @dataclass(frozen=True, slots=True)
 class _Delivered:
     receipt: Receipt
-
-
-@dataclass(frozen=True, slots=True)
-class _EventMail:
-    """One event's mail, rendered by each e-mail channel from its own sender."""
-
-    event: Event
-    event_id: str
-    subject: str
-    notes: tuple[str, ...]
-
-    def render_mail(self, composer: Composer, *, recipients: Sequence[str], sender: str) -> Mail:
-        return composer.compose(
-            self.event,
-            event_id=self.event_id,
-            recipients=list(recipients),
-            subject=self.subject,
-            notes=list(self.notes),
-            sender=sender or None,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _DigestMail:
-    items: tuple[tuple[str, Event], ...]
-    reason: str
-
-    def render_mail(self, composer: Composer, *, recipients: Sequence[str], sender: str) -> Mail:
-        return composer.compose_digest(
-            list(self.items), recipients=list(recipients), sender=sender or None,
-            reason=self.reason,
-        )  # fmt: skip
 
 
 _Attempt = _Delivered | Hold | Requeue | _Refused | _Failed | _NotComposed
@@ -198,14 +166,20 @@ class Deliverer:
                 notes.append(repeated_note(count, since, now, s.locale))
         if not notes and event.meta is not None and event.meta.note:
             notes.append(event.meta.note)  # a retry of the mail that carries the note
-        subject = render_subject(event)
         late = now - h.produced
-        if late > s.late_after_s:
-            subject = f"{delayed_prefix(late, s.locale)} {subject}"
+        alert = build_alert(
+            event,
+            event_id=h.id,
+            notes=notes,
+            delayed_s=late if late > s.late_after_s else None,
+            locale=s.locale,
+            now=now,
+        )
+        subject = alert.subject
         attempt = await self._send_via(
             lane,
             [h],
-            _EventMail(event, h.id, subject, tuple(notes)),
+            alert,
             # critical events, and routes with digest = false, are never held: they still
             # take a slot, so the limit sees every mail the account sends
             force=event.severity == "critical" or not h.digest,
@@ -277,7 +251,7 @@ class Deliverer:
         self,
         lane: int,
         hs: Sequence[Handling],
-        content: object,
+        content: Alert | Digest,
         *,
         force: bool,
         first: Channel | None = None,
@@ -451,9 +425,11 @@ class Deliverer:
             attempt = await self._send_via(
                 lane,
                 ready,
-                _DigestMail(
-                    tuple((h.id, h.event) for h in ready if h.event is not None),
-                    f"{home.name}: rate limit {home.per_minute}/min reached",
+                build_digest(
+                    [(h.id, h.event) for h in ready if h.event is not None],
+                    reason=f"{home.name}: rate limit {home.per_minute}/min reached",
+                    locale=self.settings.locale,
+                    now=fetched_at,
                 ),
                 force=False,
                 first=home,

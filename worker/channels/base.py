@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from ..content import Alert, Digest
 from ..errors import ConfigurationError, SendError, ThrottledError, TransientError
 from ..retry import Cooldown
 
@@ -183,7 +184,7 @@ class Channel(ABC):
 
     # ------------------------------------------------------------------ what a kind provides
     @abstractmethod
-    async def send(self, lane: int, content: Any, recipients: Sequence[str]) -> Receipt:
+    async def send(self, lane: int, content: Alert | Digest, recipients: Sequence[str]) -> Receipt:
         """Deliver ``content`` (rendered for this channel) on lane ``lane``'s connection.
         Raises :class:`~worker.errors.SendError` (already classified)."""
 

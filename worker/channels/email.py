@@ -12,26 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from email.utils import parseaddr
-from typing import Any, Protocol
+from typing import Any
 
 from ..compose import Composer, Mail
+from ..content import Alert, Digest
 from ..errors import SendError
 from ..mailer import SmtpPool, classify
 from ..settings import Settings, SmtpAccount
 from .base import Channel, Health, Receipt
 
-__all__ = ["DOWN_BASE_S", "DOWN_MAX_S", "EmailChannel", "MailContent"]
+__all__ = ["DOWN_BASE_S", "DOWN_MAX_S", "EmailChannel"]
 
 DOWN_BASE_S = 1.0  # first cool-down step when the server is down (or RETRY_BASE_S, smaller)
 DOWN_MAX_S = 30.0  # probe a down server at least this often: alerts cannot wait long
-
-
-class MailContent(Protocol):
-    """What the deliverer hands a channel: content that can be rendered as a mail."""
-
-    def render_mail(
-        self, composer: Composer, *, recipients: Sequence[str], sender: str
-    ) -> Mail: ...
 
 
 class EmailChannel(Channel):
@@ -67,11 +60,18 @@ class EmailChannel(Channel):
         self.sender = account.mail_from or ""
         self.from_address = parseaddr(self.sender)[1]
 
-    def render(self, content: MailContent, recipients: Sequence[str]) -> Mail:
-        return content.render_mail(self.composer, recipients=recipients, sender=self.sender)
+    def render(self, content: Alert | Digest, recipients: Sequence[str]) -> Mail:
+        """The content as a MIME mail from this account's own sender."""
+        if isinstance(content, Digest):
+            return self.composer.render_digest(
+                content, recipients=list(recipients), sender=self.sender or None
+            )
+        return self.composer.render_mail(
+            content, recipients=list(recipients), sender=self.sender or None
+        )
 
-    async def send(self, lane: int, content: Any, recipients: Sequence[str]) -> Receipt:
-        mail = content if isinstance(content, Mail) else self.render(content, recipients)
+    async def send(self, lane: int, content: Alert | Digest, recipients: Sequence[str]) -> Receipt:
+        mail = self.render(content, recipients)
         t0 = time.perf_counter()
         try:
             _result, timing = await self.pool.lane(lane).send(
