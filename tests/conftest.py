@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -45,6 +45,7 @@ import redis.asyncio as aredis
 
 from tests.support.helpers import MAIL_FROM, MAIL_TO, REPO_ROOT, FakeClock, Rig, settings_for
 from tests.support.tls import TLSAuthority
+from worker.channels import Channel
 from worker.devtools.redis_server import RedisServer
 from worker.devtools.smtp_server import SMTPTestServer, TLSMode
 from worker.queue import connect
@@ -300,10 +301,16 @@ async def make_rig(redis_url: str) -> AsyncIterator[Callable[..., Rig]]:
     made: list[Rig] = []
     clients: list[aredis.Redis] = []
 
-    def make(smtp: SMTPTestServer | None, clock: FakeClock | None = None, **fields: Any) -> Rig:
+    def make(
+        smtp: SMTPTestServer | None,
+        clock: FakeClock | None = None,
+        *,
+        channels: Sequence[Channel] = (),
+        **fields: Any,
+    ) -> Rig:
         client = connect(redis_url)
         clients.append(client)
-        rig = Rig(settings_for(redis_url, smtp, **fields), client, clock)
+        rig = Rig(settings_for(redis_url, smtp, **fields), client, clock, channels)
         made.append(rig)
         return rig
 

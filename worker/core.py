@@ -9,7 +9,7 @@ drives :meth:`Core.deliverer` directly on a real Redis with its own clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,9 +63,11 @@ def build_core(
     guard: Guard | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     on_retry: Callable[[], None] | None = None,
+    extra_channels: Sequence[Channel] = (),
 ) -> Core:
     """The core of one worker from its settings; ``redis`` defaults to a new client of
-    ``REDIS_URL``, ``clock`` to the system's, ``guard`` to none (errors are raised)."""
+    ``REDIS_URL``, ``clock`` to the system's, ``guard`` to none (errors are raised).
+    ``extra_channels`` follow the e-mail accounts in the failover order."""
     clock = clock or SystemClock()
     client = redis if redis is not None else connect(settings.redis_url)
     keys = Keys(settings.key_prefix)
@@ -92,6 +94,7 @@ def build_core(
         )
         for i, account in enumerate(settings.accounts())
     ]
+    channels.extend(extra_channels)
     metrics = Metrics(settings.latency_target_s)
     settler = Settler(
         queue,

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +40,7 @@ import redis.asyncio as aredis
 
 from producer.event import Event, parse_event
 from producer.keys import Keys
+from worker.channels import Channel
 from worker.core import build_core
 from worker.devtools.smtp_server import Received, SMTPTestServer
 from worker.queue import Queue
@@ -403,12 +404,24 @@ class Rig:
     """One Deliverer with its Queue, accounts and recorded outcomes (no worker loops); the
     ``make_rig`` fixture makes them."""
 
-    def __init__(self, settings: Settings, client: aredis.Redis, clock: FakeClock | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: aredis.Redis,
+        clock: FakeClock | None,
+        channels: Sequence[Channel] = (),
+    ) -> None:
         self.settings = settings
         self.redis = client
         self.clock = clock
         self.outcomes: list[Outcome] = []
-        self.core = build_core(settings, redis=client, clock=clock, on_outcome=self.outcomes.append)
+        self.core = build_core(
+            settings,
+            redis=client,
+            clock=clock,
+            on_outcome=self.outcomes.append,
+            extra_channels=channels,
+        )
         self.queue = self.core.queue
         self.channels = self.core.channels
         self.composer = self.core.composer
