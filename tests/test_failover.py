@@ -66,9 +66,9 @@ class _Env:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+def clock() -> FakeClock:
     # the channels' state (pauses, cool-downs) runs on the rig's clock
-    return FakeClock(time.time()).install(monkeypatch)
+    return FakeClock(time.time())
 
 
 @pytest.fixture

@@ -62,8 +62,8 @@ def _no_notifier_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    return FakeClock().install(monkeypatch)
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 def digests(smtp: SMTPTestServer) -> list[EmailMessage]:
@@ -425,7 +425,7 @@ async def test_the_repeated_note_survives_a_failed_first_attempt(make_rig, smtp_
 async def test_producer_error_collapses_repeated_exceptions(
     make_rig, smtp_server, redis_url, monkeypatch
 ):
-    clock = FakeClock(time.time()).install(monkeypatch)  # the producer stamps the real time
+    clock = FakeClock(time.time())  # the producer stamps the real time
     rig = make_rig(smtp_server, clock)
 
     def failing(n: int) -> None:

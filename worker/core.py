@@ -79,6 +79,7 @@ def build_core(
         deliveries_kept=settings.deliveries_kept,
         heartbeat_ttl_s=settings.heartbeat_ttl_s,
         clock=clock.monotonic,
+        wall_clock=clock.time,
         guard=guard,
     )
     assert settings.mail_from is not None  # required by Settings.require_mail()

@@ -426,6 +426,7 @@ class Queue:
         deliveries_kept: int = 20000,
         heartbeat_ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         guard: Guard | None = None,
     ) -> None:
         self.redis = redis
@@ -437,7 +438,8 @@ class Queue:
         self.deliveries_kept = deliveries_kept
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.heartbeat_ttl_ms = int(heartbeat_ttl_s * 1000)
-        self._clock = clock
+        self._clock = clock  # monotonic: the heartbeat lease
+        self._now = wall_clock  # unix time: due times, rate windows, digests
         # Monotonic time until which other workers see this worker's heartbeat: a renewal
         # sent at t keeps it until t + TTL (measured from before the call, so a slow reply
         # never overstates it).
@@ -691,7 +693,7 @@ class Queue:
     async def schedule(self, now: float | None = None, limit: int = 500) -> int:
         """Move due retries to the front of the queue; returns how many."""
         n = await self._schedule(
-            keys=[self.keys.retry, self.keys.queue], args=[now or time.time(), limit]
+            keys=[self.keys.retry, self.keys.queue], args=[now or self._now(), limit]
         )
         return int(cast(int, n))
 
@@ -713,7 +715,7 @@ class Queue:
     ) -> float:
         """Take a send slot of ``account`` (at most ``per_minute`` sends in any ``window_s``
         seconds): 0.0 when allowed, else the seconds until a slot frees."""
-        now = time.time() if now is None else now
+        now = self._now() if now is None else now
         member = f"{now:.6f}:{self.worker_id}:{time.perf_counter_ns()}"
         res = await self._rate(
             keys=[self.keys.rate(account)],
@@ -727,7 +729,7 @@ class Queue:
     ) -> tuple[bool, int, float]:
         """(suppressed?, count, since): when not suppressed, count/since describe the
         previous window's suppressed repeats (0 when none)."""
-        now = time.time() if now is None else now
+        now = self._now() if now is None else now
         res = cast(
             list[bytes],
             await self._suppress(
@@ -760,7 +762,7 @@ class Queue:
             list[bytes],
             await self._take_digest(
                 keys=[self.keys.digests, self.processing],
-                args=[time.time() if now is None else now, self.keys.prefix],
+                args=[self._now() if now is None else now, self.keys.prefix],
             ),
         )
         if not res:
@@ -792,7 +794,7 @@ class Queue:
         if reason is None:
             await self.redis.delete(self.keys.paused)
         else:
-            value = json.dumps({"worker": self.worker_id, "reason": reason, "at": time.time()})
+            value = json.dumps({"worker": self.worker_id, "reason": reason, "at": self._now()})
             await self.redis.set(self.keys.paused, value, px=int(ttl_s * 1000))
 
     # ------------------------------------------------------------------ inspection

@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -367,20 +366,6 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.t += seconds
         self.mono += seconds
-
-    def namespace(self) -> SimpleNamespace:
-        """A stand-in for the ``time`` module (perf counters stay real)."""
-        return SimpleNamespace(
-            time=self.time,
-            monotonic=self.monotonic,
-            perf_counter=time.perf_counter,
-            perf_counter_ns=time.perf_counter_ns,
-        )
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-        for module in ("worker.deliver", "worker.queue"):
-            monkeypatch.setattr(f"{module}.time", self.namespace())
-        return self
 
 
 def settings_for(redis_url: str, smtp: SMTPTestServer | None = None, **fields: Any) -> Settings:
