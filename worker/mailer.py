@@ -71,24 +71,42 @@ def _rule(provider: str, codes: Sequence[int], marker: str, meaning: str) -> Thr
     return ThrottleRule(provider, frozenset(codes), re.compile(marker, re.IGNORECASE), meaning)
 
 
-# One table, easy to extend. The code must match and the marker must appear in the reply.
-THROTTLE_RULES: tuple[ThrottleRule, ...] = (
-    _rule("qq", [550, 554, 451, 421], r"frequency limited",
-          "QQ mail: connection/IP/sender frequency limited"),
-    _rule("netease", [451, 550, 554], r"\bMI:SFQ\b", "NetEase: sender sending too fast (MI:SFQ)"),
-    _rule("netease", [550, 554, 451], r"\bMI:STC\b", "NetEase: sender over daily quota (MI:STC)"),
-    _rule("netease", [421, 451], r"\bHL:ICC\b", "NetEase: too many connections from IP (HL:ICC)"),
-    _rule("netease", [451, 421, 550], r"\bMI:DMC\b",
-          "NetEase: too many messages on one connection (MI:DMC)"),
-    _rule("gmail", [450, 421], r"\b4\.2\.1\b", "Gmail: receiving or sending rate too high"),
-    _rule("gmail", [550, 554], r"\b5\.4\.5\b", "Gmail: daily sending quota exceeded"),
-    _rule("gmail", [421], r"\b4\.7\.28\b", "Gmail: unusual rate of mail"),
-    _rule("outlook", [554, 550], r"\b5\.2\.252\b|SendAsDenied.*exceeded|\b5\.7\.708\b",
-          "Outlook: sending limit exceeded"),
-    _rule("generic", [421, 450, 451, 452, 550, 554], r"too many (messages|connections|mails)"
-          r"|rate limit|ratelimit|quota exceeded|try again later, sending limit",
-          "rate or quota limit"),
-)  # fmt: skip
+# One table, easy to extend: (provider, reply codes, marker in the reply, what it means). The
+# code must match and the marker must appear in the reply.
+_THROTTLES: tuple[tuple[str, tuple[int, ...], str, str], ...] = (
+    (
+        "qq",
+        (550, 554, 451, 421),
+        r"frequency limited",
+        "QQ mail: connection/IP/sender frequency limited",
+    ),
+    ("netease", (451, 550, 554), r"\bMI:SFQ\b", "NetEase: sender sending too fast (MI:SFQ)"),
+    ("netease", (550, 554, 451), r"\bMI:STC\b", "NetEase: sender over daily quota (MI:STC)"),
+    ("netease", (421, 451), r"\bHL:ICC\b", "NetEase: too many connections from IP (HL:ICC)"),
+    (
+        "netease",
+        (451, 421, 550),
+        r"\bMI:DMC\b",
+        "NetEase: too many messages on one connection (MI:DMC)",
+    ),
+    ("gmail", (450, 421), r"\b4\.2\.1\b", "Gmail: receiving or sending rate too high"),
+    ("gmail", (550, 554), r"\b5\.4\.5\b", "Gmail: daily sending quota exceeded"),
+    ("gmail", (421,), r"\b4\.7\.28\b", "Gmail: unusual rate of mail"),
+    (
+        "outlook",
+        (554, 550),
+        r"\b5\.2\.252\b|SendAsDenied.*exceeded|\b5\.7\.708\b",
+        "Outlook: sending limit exceeded",
+    ),
+    (
+        "generic",
+        (421, 450, 451, 452, 550, 554),
+        r"too many (messages|connections|mails)|rate limit|ratelimit|quota exceeded"
+        r"|try again later, sending limit",
+        "rate or quota limit",
+    ),
+)
+THROTTLE_RULES: tuple[ThrottleRule, ...] = tuple(_rule(*row) for row in _THROTTLES)
 
 AUTH_HINT = {
     "qq": "QQ mail: the password must be the 16-character authorization code (授权码), not the "
@@ -169,10 +187,8 @@ def classify(exc: BaseException, provider: str | None = None) -> SendError:
     if connecting is not None:
         return connecting
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return ConfigurationError(
-            exc.message, code=exc.code,
-            hint=AUTH_HINT.get(provider or "", "check username and password"),
-        )  # fmt: skip
+        hint = AUTH_HINT.get(provider or "", "check username and password")
+        return ConfigurationError(exc.message, code=exc.code, hint=hint)
     if _is_tls_failure(exc):
         return ConfigurationError(
             f"TLS failure: {exc}",
@@ -200,12 +216,14 @@ def classify(exc: BaseException, provider: str | None = None) -> SendError:
         # is our configuration, not the event's fault, and must not dead-letter events.
         err = _classify_reply(exc.code, exc.message, provider)
         if isinstance(err, PermanentError):
-            return ConfigurationError(
-                exc.message, code=exc.code,
-                hint="NOTIFIER_MAIL_FROM must be the account's own address (QQ/163 refuse "
-                "any other sender)" if isinstance(exc, aiosmtplib.SMTPSenderRefused)
-                else "the server refuses our HELO/EHLO",
-            )  # fmt: skip
+            if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+                hint = (
+                    "NOTIFIER_MAIL_FROM must be the account's own address (QQ/163 refuse any "
+                    "other sender)"
+                )
+            else:
+                hint = "the server refuses our HELO/EHLO"
+            return ConfigurationError(exc.message, code=exc.code, hint=hint)
         return err
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _classify_reply(exc.code, exc.message, provider)
