@@ -268,11 +268,11 @@ class Settler:
             Outcome(
                 Status.SENT,
                 h.id,
-                d.subject,
-                list(h.recipients),
-                latency,
-                queue_wait,
-                r.send_s,
+                subject=d.subject,
+                recipients=list(h.recipients),
+                latency=latency,
+                queue_wait=queue_wait,
+                smtp=r.send_s,
                 attempts=h.attempts + 1,
                 account=r.channel,
             )
@@ -370,11 +370,10 @@ class Settler:
                 Outcome(
                     Status.DIGEST,
                     h.id,
-                    d.subject,
-                    list(h.recipients),
-                    latency,
-                    0.0,
-                    r.send_s,
+                    subject=d.subject,
+                    recipients=list(h.recipients),
+                    latency=latency,
+                    smtp=r.send_s,
                     account=r.channel,
                 )
             )
