@@ -4,7 +4,8 @@ mailer.py, through :meth:`worker.channels.base.Channel.classify`)::
 NotifierError
  ├── SettingsError             a setting is missing or wrong (settings.py)
  └── SendError                 one delivery attempt failed; .code (the reply code, if any),
-      │                        .message, .hint (how to fix it, shown with the message)
+      │                        .message, .hint (how to fix it, shown with the message),
+      │                        .retry_after_s (when the service said to come back)
       ├── TransientError       connect errors, timeouts, disconnects, 4xx, 552 -> retry
       ├── ThrottledError       the provider says too fast / quota -> longer back-off
       ├── PermanentError       other 5xx (mailbox unavailable, spam) -> dead letter now
@@ -35,11 +36,20 @@ class NotifierError(Exception):
 class SendError(NotifierError):
     category: ClassVar[Category]
 
-    def __init__(self, message: str, *, code: int | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        hint: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.hint = hint
+        # the service said when to come back (HTTP Retry-After, Telegram's retry_after)
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         text = f"{self.code} {self.message}" if self.code else self.message

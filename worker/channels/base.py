@@ -117,6 +117,9 @@ class Health:
             return
         if isinstance(err, ThrottledError):
             delay = self._cooldown.trip(base=self.throttle_base_s, cap=self.throttle_cap_s)
+            if err.retry_after_s is not None:  # the service said how long: that, exactly
+                self._cooldown.until = self.clock() + err.retry_after_s
+                delay = err.retry_after_s
             reason = str(err) if delay is None else f"{err} (cooling down {delay:.0f} s)"
             self._set(State.THROTTLED, reason)
         elif isinstance(err, TransientError) and err.code is None:
