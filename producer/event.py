@@ -117,6 +117,8 @@ class Meta(BaseModel):
     first_seen: StrictFloat | StrictInt | None = None
     replayed: StrictBool = False
     note: StrictStr | None = None  # "repeated 37× in 5 min", kept for the retries of that mail
+    # the one channel this copy is the delivery for (set when an event fans out to several)
+    channel: StrictStr | None = None
 
 
 class Event(BaseModel):

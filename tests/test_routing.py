@@ -127,7 +127,7 @@ def test_without_a_default_route_nothing_matches(tmp_path):
         ('[default]\nto = ["me@example.com", "x@evil.com"]\n', "x@evil.com not allowed"),
         ('[[route]]\nto = ["not an address"]\n', "not a plain address"),
         ("[[route]]\nto = []\n", "route.0.to"),
-        ('[[route]]\nkind = "fill"\n', "route.0.to"),
+        ('[[route]]\nkind = "fill"\nchannels = []\n', "route.0.channels"),
         ('[[route]]\nseverity = "fatal"\nto = ["me@example.com"]\n', "severity"),
         ('[[route]]\nto = ["me@example.com"]\ndedup_window_s = 0\n', "dedup_window_s"),
     ],

@@ -404,7 +404,10 @@ async def _check(args: argparse.Namespace) -> int:
         await q.redis.aclose()
     if s.routes is not None:
         r = s.routes
-        default = f", default to {','.join(r.default.to)}" if r.default else ""
+        default = ""
+        if r.default is not None:
+            goes = r.default.to or [f"MAIL_TO ({','.join(s.mail_to)})"]
+            default = f", default to {','.join([*goes, *(r.default.channels or [])])}"
         print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}{default}")
     accounts = s.accounts()
     for i, acc in enumerate(accounts):

@@ -67,7 +67,8 @@ def build_core(
 ) -> Core:
     """The core of one worker from its settings; ``redis`` defaults to a new client of
     ``REDIS_URL``, ``clock`` to the system's, ``guard`` to none (errors are raised).
-    ``extra_channels`` follow the e-mail accounts in the failover order."""
+    ``extra_channels`` are channels besides e-mail (named by routes), and follow the e-mail
+    accounts as the fallback of routes that name none."""
     clock = clock or SystemClock()
     client = redis if redis is not None else connect(settings.redis_url)
     keys = Keys(settings.key_prefix)
@@ -95,7 +96,6 @@ def build_core(
         )
         for i, account in enumerate(settings.accounts())
     ]
-    channels.extend(extra_channels)
     metrics = Metrics(settings.latency_target_s)
     settler = Settler(
         queue,
@@ -112,6 +112,9 @@ def build_core(
         channels,
         metrics,
         settler=settler,
+        others=extra_channels,
+        # channels given here (tests, the demo) stand in for a route's fallback
+        default_fallback=[c.name for c in extra_channels],
         clock=clock.time,
         monotonic=clock.monotonic,
     )

@@ -34,12 +34,14 @@ from .errors import (
 from .metrics import Metrics
 from .queue import Queue
 from .retry import backoff
+from .routing import EMAIL
 from .settings import Settings
 from .settle import (
     Dead,
     Decision,
     DigestSent,
     Duplicate,
+    FanOut,
     Handling,
     Hold,
     Outcome,
@@ -108,13 +110,18 @@ class Deliverer:
         metrics: Metrics,
         *,
         settler: Settler,
+        others: Sequence[Channel] = (),
+        default_fallback: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.queue = queue
-        self.channels = channels  # in failover order (the e-mail accounts' priority)
-        self.by_name = {c.name: c for c in channels}
+        self.channels = channels  # the e-mail accounts, in failover order
+        self.others = list(others)  # the other channels (NOTIFIER_CHANNELS_FILE)
+        self.by_name = {c.name: c for c in (*channels, *self.others)}
+        # tried after the e-mail accounts when the event's route names no fallback
+        self.default_fallback = tuple(default_fallback)
         self.metrics = metrics
         self.monotonic = monotonic
         self.settler = settler
@@ -144,7 +151,8 @@ class Deliverer:
             return Dead("internal", f"internal error: {type(exc).__name__}: {exc}", h.attempts)
 
     async def _decide(self, lane: int, h: Handling) -> Decision:
-        early = await self._prepare(h)
+        targets: list[str] = []
+        early = await self._prepare(h, targets)
         if early is not None:
             return early
         assert h.event is not None
@@ -158,12 +166,26 @@ class Deliverer:
                 event.attempts,
             )
         notes: list[str] = []
-        if event.dedup_key is not None and event.attempts == 0:
+        copy = event.meta is not None and event.meta.channel is not None
+        if event.dedup_key is not None and event.attempts == 0 and not copy:
             suppressed, count, since = await self.queue.suppress(event.dedup_key, h.window_s, h.id)
             if suppressed:
                 return Suppressed(count, event.dedup_key)
             if count:
                 notes.append(repeated_note(count, since, now, s.locale))
+        if len(targets) > 1 and not copy:
+            # one delivery per channel, each with its own sent mark, claim, retries and dead
+            # letter: a channel that succeeded is never sent again because another failed
+            copies = tuple(
+                event.with_meta(
+                    channel=name, first_seen=h.first_seen, note=notes[0] if notes else None
+                ).to_json()
+                for name in targets
+            )
+            return FanOut(tuple(targets), copies)
+        claimed = await self._claim(h)
+        if claimed is not None:
+            return claimed
         if not notes and event.meta is not None and event.meta.note:
             notes.append(event.meta.note)  # a retry of the mail that carries the note
         late = now - h.produced
@@ -176,6 +198,7 @@ class Deliverer:
             now=now,
         )
         subject = alert.subject
+        order = self._order(h)
         attempt = await self._send_via(
             lane,
             [h],
@@ -183,6 +206,7 @@ class Deliverer:
             # critical events, and routes with digest = false, are never held: they still
             # take a slot, so the limit sees every mail the account sends
             force=event.severity == "critical" or not h.digest,
+            order=order,
         )
         match attempt:
             case _Delivered():
@@ -196,11 +220,11 @@ class Deliverer:
             case _NotComposed():
                 return Dead("invalid", f"cannot compose the mail: {attempt.error}", h.attempts)
             case _Failed():
-                return await self._all_failed(h, subject, attempt.errors, notes)
+                return await self._all_failed(h, subject, attempt.errors, notes, order)
 
-    async def _prepare(self, h: Handling) -> Decision | None:
-        """Parse and validate, choose the recipients, claim the id. A decision when the
-        event ends here (invalid, a duplicate, another copy being sent), else None."""
+    async def _prepare(self, h: Handling, targets: list[str]) -> Decision | None:
+        """Parse and validate, choose the recipients and the channels (``targets``: the
+        route's, for a fan-out). A decision when the event ends here (invalid), else None."""
         try:
             event = parse_event(h.raw)
         except InvalidEvent as exc:
@@ -223,14 +247,35 @@ class Deliverer:
                     event.attempts,
                 )
             h.recipients = list(event.to)
-        elif route is not None:
+        elif route is not None and route.to:
             h.recipients = list(route.to)
         else:
             h.recipients = list(self.settings.mail_to)
         h.digest = route.digest if route is not None else True
         window = event.dedup_window_s or (route.dedup_window_s if route else None)
         h.window_s = window or self.settings.dedup_window_s
-        claim = self.queue.claim_for(event_id, new_event_id()[:12])
+        targets[:] = route.targets if route is not None else [EMAIL]
+        h.fallback = tuple(route.fallback if route and route.fallback else self.default_fallback)
+        h.channel = meta.channel if meta is not None and meta.channel else targets[0]
+        if h.channel != EMAIL and h.channel not in self.by_name:
+            return Dead(
+                "invalid",
+                f"channel {h.channel!r} is not configured (NOTIFIER_CHANNELS_FILE); replay the "
+                "dead letter once it is",
+                event.attempts,
+            )
+        return None
+
+    async def _prepared(self, h: Handling) -> Decision | None:
+        """:meth:`_prepare` and :meth:`_claim` (a held event: one delivery already)."""
+        return await self._prepare(h, []) or await self._claim(h)
+
+    async def _claim(self, h: Handling) -> Decision | None:
+        """Claim this delivery (the event id, per channel): a decision when it is already
+        delivered or another copy of it is being sent right now, else None."""
+        assert h.event is not None
+        event = h.event
+        claim = self.queue.claim_for(h.delivery_id, new_event_id()[:12])
         state = await self.queue.claim(claim)
         if state == "sent":
             return Duplicate()
@@ -247,6 +292,13 @@ class Deliverer:
         h.claim = claim
         return None
 
+    def _order(self, h: Handling) -> list[Channel]:
+        """The channels that may take this delivery, in order: the e-mail accounts, then the
+        route's fallback channels; another channel's delivery goes to that channel only."""
+        if h.channel != EMAIL:
+            return [self.by_name[h.channel]]
+        return [*self.channels, *(self.by_name[n] for n in h.fallback if n in self.by_name)]
+
     async def _send_via(
         self,
         lane: int,
@@ -254,15 +306,12 @@ class Deliverer:
         content: Alert | Digest,
         *,
         force: bool,
-        first: Channel | None = None,
+        order: Sequence[Channel],
     ) -> _Attempt:
-        """Send the content on the first usable channel, ``first`` ahead of the failover
-        order, failing over to the next on anything but a permanent refusal. The first
-        channel's rate limit holds the events for a digest; a later one that is full is
-        skipped."""
-        order = [
-            c for c in dict.fromkeys((*([first] if first else []), *self.channels)) if c.available()
-        ]
+        """Send the content on the first usable channel of ``order``, failing over to the
+        next on anything but a permanent refusal. The first channel's rate limit holds the
+        events for a digest; a later one that is full is skipped."""
+        order = [c for c in order if c.available()]
         errors: list[tuple[Channel, SendError]] = []
         for i, channel in enumerate(order):
             if channel.per_minute:
@@ -318,28 +367,28 @@ class Deliverer:
         h: Handling,
         subject: str,
         errors: list[tuple[Channel, SendError]],
-        notes: Sequence[str] = (),
+        notes: Sequence[str],
+        order: Sequence[Channel],
     ) -> Decision:
-        """No account took the event: requeue (all paused), or retry with back-off."""
+        """No channel took the event: requeue (all paused), or retry with back-off."""
         s = self.settings
         if not errors:
-            # every account is cooling down or paused: wait for the first to be usable
-            if all(c.paused for c in self.channels):
+            # every channel is cooling down or paused: wait for the first to be usable
+            if all(c.paused for c in order):
                 return Requeue("configuration", subject=subject)
-            wait = max(0.5, min(c.retry_at() for c in self.channels) - self.monotonic())
-            states = sorted({str(c.state) for c in self.channels if c.state != "ok"}) or [
-                "throttled"
-            ]
+            wait = max(0.5, min(c.retry_at() for c in order) - self.monotonic())
+            states = sorted({str(c.state) for c in order if c.state != "ok"}) or ["throttled"]
             label = "throttled" if states == ["throttled"] else "transient"
             err: SendError = (ThrottledError if label == "throttled" else TransientError)(
-                f"every SMTP account is {' or '.join(states)}"
+                f"every {'SMTP account' if h.channel == EMAIL else 'channel'} is "
+                f"{' or '.join(states)}"
             )
             return self._retry(h, subject, err, label, counts=False, delay=wait, notes=notes)
         kinds = [e for _, e in errors]
         if all(isinstance(e, ConfigurationError) for e in kinds):
             reason_text = str(kinds[0])
             await self.queue.set_paused(reason_text)
-            self.metrics.paused.set(1 if all(c.paused for c in self.channels) else 0)
+            self.metrics.paused.set(1 if all(c.paused for c in order) else 0)
             return Requeue("configuration", reason_text, subject)
         real = [e for e in kinds if not isinstance(e, ConfigurationError)]
         throttled = all(isinstance(e, ThrottledError) for e in real)
@@ -400,7 +449,7 @@ class Deliverer:
         fetched_at = self.clock()
         hs = [Handling(raw=raw, id=_raw_id(raw), fetched_at=fetched_at) for raw in raws]
         # prepared together, their claims share one round trip
-        early = await asyncio.gather(*(self._guarded(self._prepare(h), h) for h in hs))
+        early = await asyncio.gather(*(self._guarded(self._prepared(h), h) for h in hs))
         ready: list[Handling] = []
         for h, decision in zip(hs, early, strict=True):
             expires = h.event.expires_s if h.event is not None else None
@@ -419,6 +468,7 @@ class Deliverer:
             return
         home = self.by_name.get(group.rsplit(".", 1)[0], self.channels[0])
         recipients = ready[0].recipients
+        order = [home, *(c for c in self._order(ready[0]) if c is not home)]
         # The group's own account first, then the others (failover): a digest is a new send
         # like any other and must not wait for a down or paused account.
         try:
@@ -432,7 +482,7 @@ class Deliverer:
                     now=fetched_at,
                 ),
                 force=False,
-                first=home,
+                order=order,
             )
         except asyncio.CancelledError:
             raise

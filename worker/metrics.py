@@ -94,6 +94,9 @@ class Metrics:
             "notifier_digests", "Digest mails sent (rate limit reached)", registry=r
         )
         self.held = Counter("notifier_held", "Events held for a digest", registry=r)
+        self.fanned_out = Counter(
+            "notifier_fanned_out", "Events split into one delivery per channel", registry=r
+        )
         self.requeued = Counter(
             "notifier_requeued",
             "Events returned to the queue unchanged (configuration pause, fenced)",

@@ -89,6 +89,7 @@ def _counters(record: DeliveryRecord) -> list[str]:
         Status.DEAD: "dead",
         Status.REQUEUED: "requeued",
         Status.HELD: "held",
+        Status.FANOUT: "fanned_out",
     }[status]
     return [name, f"{name}:{record.reason}"] if record.reason else [name]
 
@@ -297,6 +298,18 @@ for i = 8, #ARGV do redis.call('HINCRBY', KEYS[5], ARGV[i], 1) end
 return 1
 """
 
+# Fan an event out: processing -> one copy per channel at the front of the queue (right end),
+# in one step, with its record. ARGV: raw, record, records kept, copies... KEYS: processing,
+# queue, deliveries, counters. Returns 1 when the event was ours.
+FAN_OUT = """#!lua
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+redis.call('HINCRBY', KEYS[4], 'fanned_out', 1)
+return 1
+"""
+
 # Release claims that are still ours (KEYS: claim keys; ARGV: our value of each).
 RELEASE = """#!lua
 local n = 0
@@ -450,6 +463,7 @@ class Queue:
         self.claim_ttl_ms = 15 * 60 * 1000
         self._claim = redis.register_script(CLAIM)
         self._release = redis.register_script(RELEASE)
+        self._fan_out = redis.register_script(FAN_OUT)
         self._renew = redis.register_script(RENEW)
         self._ack = redis.register_script(ACK)
         self._settle_script = redis.register_script(SETTLE)
@@ -616,6 +630,15 @@ class Queue:
         return await self._settle(
             raw, op="none", target=self.keys.queue, claim=claim, record=record
         )
+
+    @_guarded("fan-out")
+    async def fan_out(self, raw: bytes, copies: Sequence[str], record: DeliveryRecord) -> bool:
+        """One delivery per channel: processing -> the copies at the front of the queue."""
+        res = await self._fan_out(
+            keys=[self.processing, self.keys.queue, self.keys.deliveries, self.keys.counters],
+            args=[raw, record.to_json(), self.deliveries_kept, *copies],
+        )
+        return int(cast(int, res)) == 1
 
     @_guarded("retry")
     async def retry(

@@ -42,6 +42,7 @@ class Status(StrEnum):
     REQUEUED = "requeued"  # back to the queue unchanged (configuration pause, fenced)
     SUPPRESSED = "suppressed"  # a repeat inside its dedup window
     DUPLICATE = "duplicate"  # already delivered (sent mark)
+    FANOUT = "fanout"  # split into one delivery per channel
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,9 @@ from .settings import first_error, read_toml
 __all__ = ["Route", "Routes", "load_routes"]
 
 
+EMAIL = "email"  # the e-mail channel: the SMTP accounts in failover order
+
+
 def _as_list(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
@@ -49,18 +52,24 @@ class Route(BaseModel):
     strategy: list[str] | None = None
     kind: list[str] | None = None
     severity: list[Severity] | None = None
-    to: Annotated[list[str], Field(min_length=1, max_length=50)]
+    # e-mail recipients (left out: MAIL_TO)
+    to: Annotated[list[str], Field(min_length=1, max_length=50)] | None = None
     dedup_window_s: Annotated[float, Field(gt=0)] | None = None
     digest: bool = True
+    # where the events go: "email" and/or channels of NOTIFIER_CHANNELS_FILE, one delivery
+    # each (default: e-mail only); fallback: tried, in order, while every e-mail account is
+    # throttled, paused or down
+    channels: Annotated[list[str], Field(min_length=1)] | None = None
+    fallback: list[str] = Field(default_factory=list)
 
-    _lists = field_validator("strategy", "kind", "severity", "to", mode="before")(
-        classmethod(lambda cls, v: _as_list(v))
-    )
+    _lists = field_validator(
+        "strategy", "kind", "severity", "to", "channels", "fallback", mode="before"
+    )(classmethod(lambda cls, v: _as_list(v)))
 
     @field_validator("to")
     @classmethod
-    def _addresses(cls, v: list[str]) -> list[str]:
-        return check_addresses(v)
+    def _addresses(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else check_addresses(v)
 
     def matches(self, event: Event) -> bool:
         return (
@@ -71,7 +80,12 @@ class Route(BaseModel):
 
     @property
     def label(self) -> str:
-        return self.name or ",".join(self.to)
+        return self.name or ",".join(self.to or self.channels or ())
+
+    @property
+    def targets(self) -> list[str]:
+        """The channels this route delivers to, one delivery each."""
+        return list(self.channels) if self.channels else [EMAIL]
 
 
 def _match(patterns: list[str] | None, value: str | None) -> bool:
@@ -94,8 +108,22 @@ class Routes(BaseModel):
         return self.default
 
     def recipients(self) -> Iterable[str]:
-        for r in (*self.route, *([self.default] if self.default else [])):
-            yield from r.to
+        for r in self.all():
+            yield from r.to or ()
+
+    def all(self) -> list[Route]:
+        return [*self.route, *([self.default] if self.default else [])]
+
+    def check_channels(self, known: Iterable[str], path: Path) -> None:
+        """Every channel a route names exists (ValueError with one line otherwise)."""
+        names = set(known) | {EMAIL}
+        for r in self.all():
+            for name in (*(r.channels or ()), *r.fallback):
+                if name not in names:
+                    raise ValueError(
+                        f"NOTIFIER_ROUTES_FILE={path}: route {r.label!r}: no channel named "
+                        f"{name!r}; known: {', '.join(sorted(names))} (NOTIFIER_CHANNELS_FILE)"
+                    )
 
 
 def load_routes(path: Path, allowed: frozenset[str]) -> Routes:

@@ -38,6 +38,7 @@ __all__ = [
     "Decision",
     "DigestSent",
     "Duplicate",
+    "FanOut",
     "Handling",
     "Hold",
     "Outcome",
@@ -87,10 +88,18 @@ class Handling:
     recipients: list[str] = field(default_factory=list)
     digest: bool = True
     window_s: float = 0.0
+    channel: str = "email"  # the channel this delivery is for
+    fallback: tuple[str, ...] = ()  # tried after the e-mail accounts (an e-mail delivery)
 
     @property
     def attempts(self) -> int:
         return self.event.attempts if self.event is not None else 0
+
+    @property
+    def delivery_id(self) -> str:
+        """What the sent mark and the claim are keyed by: the event id for e-mail (as it
+        always was), ``<id>@<channel>`` for another channel's delivery of the event."""
+        return self.id if self.channel == "email" else f"{self.id}@{self.channel}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +154,15 @@ class Duplicate:
 
 
 @dataclass(frozen=True, slots=True)
+class FanOut:
+    """The event goes to several channels: one copy per channel (each its own delivery:
+    sent mark, claim, retries, dead letter) replaces it, at the front of the queue."""
+
+    channels: tuple[str, ...]
+    copies: tuple[str, ...]  # the event text of each delivery (its _meta names the channel)
+
+
+@dataclass(frozen=True, slots=True)
 class DigestSent:
     receipt: Receipt
     subject: str
@@ -153,7 +171,7 @@ class DigestSent:
     per_minute: int
 
 
-Decision = Sent | Retry | Dead | Hold | Requeue | Suppressed | Duplicate
+Decision = Sent | Retry | Dead | Hold | Requeue | Suppressed | Duplicate | FanOut
 
 
 def _text(raw: bytes) -> str:
@@ -218,11 +236,17 @@ class Settler:
                 )
                 self._done(Outcome(Status.SUPPRESSED, h.id, attempts=d.count))
             case Duplicate():
-                rec = DeliveryRecord(now, Status.DUPLICATE, h.id)
+                rec = DeliveryRecord(now, Status.DUPLICATE, h.id, channel=h.channel)
                 await self.queue.drop(h.raw, rec)
                 self.metrics.duplicates.inc()
-                logger.info("duplicate %s: already delivered, dropped", h.id)
-                self._done(Outcome(Status.DUPLICATE, h.id))
+                logger.info("duplicate %s: already delivered%s, dropped", h.id, self._via(h))
+                self._done(Outcome(Status.DUPLICATE, h.id, account=h.channel))
+            case FanOut():
+                rec = DeliveryRecord(now, Status.FANOUT, h.id, count=len(d.copies))
+                await self.queue.fan_out(h.raw, d.copies, rec)
+                self.metrics.fanned_out.inc()
+                logger.info("fan-out %s to %s", h.id, ", ".join(d.channels))
+                self._done(Outcome(Status.FANOUT, h.id))
 
     async def _sent(self, h: Handling, d: Sent, now: float) -> None:
         r = d.receipt
@@ -304,6 +328,7 @@ class Settler:
         letter: dict[str, Any] = {
             "event": _text(h.raw),
             "id": h.id,
+            "channel": h.channel,
             "reason": d.reason,
             "error": d.error,
             "attempts": d.attempts,
@@ -313,7 +338,7 @@ class Settler:
         if len(h.raw) > MAX_DEAD_TEXT:
             letter["event_bytes"] = len(h.raw)
             letter["event_truncated"] = True
-        rec = DeliveryRecord(now, Status.DEAD, h.id, reason=d.reason)
+        rec = DeliveryRecord(now, Status.DEAD, h.id, reason=d.reason, channel=h.channel)
         if not await self.queue.bury(h.raw, letter, rec, h.claim):
             # no longer ours (returned to the queue while this worker was taken for dead):
             # the worker that holds it now settles it
@@ -323,8 +348,19 @@ class Settler:
             )
             return
         self.metrics.dead.labels(d.reason).inc()
-        logger.error("dead letter %s (%s): %s", h.id or "<no id>", d.reason, d.error)
-        self._done(Outcome(Status.DEAD, h.id, reason=d.reason, error=d.error, attempts=d.attempts))
+        logger.error(
+            "dead letter %s%s (%s): %s", h.id or "<no id>", self._via(h), d.reason, d.error
+        )
+        self._done(
+            Outcome(
+                Status.DEAD,
+                h.id,
+                reason=d.reason,
+                error=d.error,
+                attempts=d.attempts,
+                account=h.channel,
+            )
+        )
 
     # ================================================================== several events
     async def hold(self, hs: Sequence[Handling], d: Hold) -> None:
@@ -399,6 +435,10 @@ class Settler:
             )
 
     # ================================================================== helpers
+    @staticmethod
+    def _via(h: Handling) -> str:
+        return "" if h.channel == "email" else f" (channel {h.channel})"
+
     def _wake(self) -> None:
         if self.on_retry is not None:
             self.on_retry()
