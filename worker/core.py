@@ -18,11 +18,12 @@ import redis.asyncio as aredis
 from producer.keys import Keys
 
 from .channels import Channel, EmailChannel
+from .channels.registry import build_channel
 from .compose import Composer
 from .deliver import Deliverer
 from .metrics import Metrics
 from .queue import Guard, Queue, connect
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .settle import Outcome, Settler
 
 __all__ = ["Clock", "Core", "SystemClock", "build_core"]
@@ -48,7 +49,8 @@ class Core:
     redis: aredis.Redis
     keys: Keys
     queue: Queue
-    channels: list[Channel]
+    channels: list[Channel]  # the e-mail accounts, in failover order
+    others: list[Channel]  # the other channels (NOTIFIER_CHANNELS_FILE, or given)
     composer: Composer
     metrics: Metrics
     settler: Settler
@@ -96,6 +98,24 @@ def build_core(
         )
         for i, account in enumerate(settings.accounts())
     ]
+    # the channels of NOTIFIER_CHANNELS_FILE (a route names them), then any given here
+    others: list[Channel] = [
+        build_channel(
+            conf,
+            priority=i,
+            clock=clock.monotonic,
+            throttle_base_s=settings.throttle_base_s,
+            retry_base_s=settings.retry_base_s,
+            retry_max_s=settings.retry_max_s,
+        )
+        for i, conf in enumerate(settings.channels())
+    ]
+    others.extend(extra_channels)
+    if settings.routes is not None and settings.routes_file is not None:
+        try:
+            settings.routes.check_channels((c.name for c in others), settings.routes_file)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     metrics = Metrics(settings.latency_target_s)
     settler = Settler(
         queue,
@@ -112,7 +132,7 @@ def build_core(
         channels,
         metrics,
         settler=settler,
-        others=extra_channels,
+        others=others,
         # channels given here (tests, the demo) stand in for a route's fallback
         default_fallback=[c.name for c in extra_channels],
         clock=clock.time,
@@ -124,6 +144,7 @@ def build_core(
         keys=keys,
         queue=queue,
         channels=channels,
+        others=others,
         composer=composer,
         metrics=metrics,
         settler=settler,

@@ -130,6 +130,12 @@ class Deliverer:
         self.routes = settings.routes
 
     @property
+    def all_paused(self) -> bool:
+        """Every channel (e-mail accounts and the others) is paused on a configuration
+        error: nothing can be sent, and the worker stops fetching until a probe works."""
+        return all(c.paused for c in self.by_name.values())
+
+    @property
     def counts(self) -> dict[str, int]:
         return dict(self.settler.counts)
 
@@ -374,7 +380,7 @@ class Deliverer:
         s = self.settings
         if not errors:
             # every channel is cooling down or paused: wait for the first to be usable
-            if all(c.paused for c in order):
+            if self.all_paused:
                 return Requeue("configuration", subject=subject)
             wait = max(0.5, min(c.retry_at() for c in order) - self.monotonic())
             states = sorted({str(c.state) for c in order if c.state != "ok"}) or ["throttled"]
@@ -389,7 +395,13 @@ class Deliverer:
             reason_text = str(kinds[0])
             await self.queue.set_paused(reason_text)
             self.metrics.paused.set(1 if all(c.paused for c in order) else 0)
-            return Requeue("configuration", reason_text, subject)
+            if self.all_paused:  # the worker stops fetching until a probe works
+                return Requeue("configuration", reason_text, subject)
+            # other channels still work, so the worker goes on: this delivery waits
+            wait = max(0.5, min(c.retry_at() for c in order) - self.monotonic())
+            return self._retry(
+                h, subject, kinds[0], "paused", counts=False, delay=wait, notes=notes
+            )
         real = [e for e in kinds if not isinstance(e, ConfigurationError)]
         throttled = all(isinstance(e, ThrottledError) for e in real)
         err = real[-1]

@@ -72,6 +72,7 @@ class Worker:
         self.core = core
         self.keys, self.redis, self.queue = core.keys, core.redis, core.queue
         self.channels, self.metrics, self.deliverer = core.channels, core.metrics, core.deliverer
+        self.all_channels = [*core.channels, *core.others]
         self._blocking_redis = connect(settings.redis_url)
         self.systemd = SystemdNotifier()
         # Every loop must show progress well within systemd's watchdog interval: no wait in
@@ -107,7 +108,7 @@ class Worker:
     @property
     def paused(self) -> bool:
         """Every channel is paused on a configuration error: nothing can be sent."""
-        return all(c.paused for c in self.channels)
+        return self.deliverer.all_paused
 
     # ================================================================== lifecycle
     def stop(self) -> None:
@@ -264,7 +265,7 @@ class Worker:
                 "recover them once this worker's heartbeat expires",
                 exc,
             )
-        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.all_channels), return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -330,7 +331,7 @@ class Worker:
     async def _wait_pause(self) -> None:
         """Every channel is paused on a configuration error: probe the first whose pause
         ends (a login); resume on success."""
-        channel = min(self.channels, key=lambda c: c.health.pause_remaining())
+        channel = min(self.all_channels, key=lambda c: c.health.pause_remaining())
         remaining = channel.health.pause_remaining()
         if remaining > 0:
             with contextlib.suppress(TimeoutError):
@@ -472,7 +473,7 @@ class Worker:
             m.held_depth.set(d.held)
             m.connections.set(self._open_connections())
             m.paused.set(1 if self.paused else 0)
-            for c in self.channels:
+            for c in self.all_channels:
                 m.account_up.labels(c.name).set(1 if c.available() else 0)
             await self._idle_hygiene()
             await asyncio.sleep(period)
@@ -497,7 +498,7 @@ class Worker:
             )
 
     async def _idle_hygiene(self) -> None:
-        for channel in self.channels:
+        for channel in self.all_channels:
             await channel.close_idle()
 
     def _open_connections(self) -> int:
@@ -511,7 +512,7 @@ class Worker:
             "lanes": self.settings.concurrency,
             "sent": self.counts.get("sent", 0),
             "paused": self.channels[0].health.reason if self.paused else None,
-            "accounts": {c.name: c.describe() for c in self.channels},
+            "accounts": {c.name: c.describe() for c in self.all_channels},
         }
 
     def _status(self) -> str:
@@ -520,7 +521,7 @@ class Worker:
         if self.paused:
             state = f"PAUSED ({self.channels[0].health.reason}) "
         else:
-            bad = [f"{c.name} {c.state}" for c in self.channels if c.state != "ok"]
+            bad = [f"{c.name} {c.state}" for c in self.all_channels if c.state != "ok"]
             state = f"accounts: {', '.join(bad)}; " if bad else ""
         return (
             f"{state}sent {c.get('sent', 0)}, retried {c.get('retry', 0)}, dead {c.get('dead', 0)};"

@@ -46,6 +46,7 @@ from .errors import NotifierError
 from .smtp_fast import default_helo_name, helo_name_problem
 
 if TYPE_CHECKING:
+    from .channels.http import HttpChannelSettings
     from .routing import Routes
 
 __all__ = [
@@ -318,6 +319,8 @@ class Settings(SmtpFields, BaseSettings):
 
     # Failover accounts in priority order (TOML, see README "Failover accounts").
     accounts_file: Path | None = None
+    # Channels besides e-mail (WeCom, DingTalk, Feishu, Telegram, webhooks), TOML; see README.
+    channels_file: Path | None = None
 
     # Mail
     mail_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -435,12 +438,21 @@ class Settings(SmtpFields, BaseSettings):
             from .routing import load_routes
 
             self._routes = load_routes(self.routes_file, self.allowed)
+        if self.channels_file is not None:
+            from .channels.registry import load_channels
+
+            self._channels = load_channels(self.channels_file)
         if self.accounts_file is not None:
             self._failover = _load_accounts(self, self.accounts_file)
         return self
 
     _routes: Routes | None = PrivateAttr(default=None)
     _failover: list[SmtpAccount] = PrivateAttr(default_factory=list)
+    _channels: list[HttpChannelSettings] = PrivateAttr(default_factory=list)
+
+    def channels(self) -> list[HttpChannelSettings]:
+        """The channels of NOTIFIER_CHANNELS_FILE (validated), in the file's order."""
+        return list(self._channels)
 
     @property
     def routes(self) -> Routes | None:
