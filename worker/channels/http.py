@@ -141,6 +141,7 @@ class HttpRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     method: Literal["POST", "GET"] = "POST"
+    content: bytes | None = None  # the exact body instead of ``json`` (a signed body)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -238,6 +239,7 @@ class HttpChannel(Channel):
                 req.method,
                 req.url,
                 json=req.json,
+                content=req.content,
                 headers=dict(req.headers),
                 params=dict(req.params) or None,  # (an empty dict would drop the URL's query)
             )
