@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from producer.event import Event
@@ -229,6 +230,36 @@ async def test_a_signed_alert_verifies_as_the_readme_receiver_does(
     mac = hmac.new(SECRET.encode(), ts.encode() + b"." + req.body, hashlib.sha256)
     assert hmac.compare_digest("sha256=" + mac.hexdigest(), req.headers["x-notifier-signature"])
     assert abs(NOW - int(ts)) <= 300
+
+
+# the README's receiver, verbatim (headers: the request's, case-insensitive as in Flask)
+README_RECEIVER = """
+import hashlib, hmac, time
+
+def verify(secret: bytes, headers, body: bytes) -> bool:
+    ts = headers["X-Notifier-Timestamp"]
+    mac = hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    fresh = abs(time.time() - int(ts)) < 300  # older: a replay
+    return fresh and hmac.compare_digest("sha256=" + mac, headers["X-Notifier-Signature"])
+"""
+
+
+async def test_the_readme_receiver_verifies_a_real_request(receiver, tls_ca, channels):
+    settings = _settings(receiver, tls_ca, secret=SECRET)
+    ch = WebhookChannel(settings, priority=0)  # the real wall clock
+    channels.append(ch)
+    receiver.clock = time.time
+    await ch.send(0, _alert(), [])
+    req = receiver.requests[0]
+    scope: dict[str, Any] = {}
+    exec(README_RECEIVER, scope)  # the documented snippet itself
+    headers = httpx.Headers(req.headers)
+    assert scope["verify"](SECRET.encode(), headers, req.body) is True
+    assert (
+        scope["verify"](SECRET.encode(), headers, req.body.replace(b"ma_cross", b"ma_crosz"))
+        is False
+    )
+    assert scope["verify"](b"wrong", headers, req.body) is False
 
 
 async def test_a_replayed_or_forged_request_is_refused_by_the_receiver(
