@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from producer.event import parse_event
 from tests.support.helpers import FakeClock
-from worker.channels.registry import kind_of
+from worker.channels.registry import build_channel, kind_of
 from worker.channels.wecom import (
     DEFAULT_RATE_PER_MINUTE,
     MARKDOWN_MAX_BYTES,
@@ -99,16 +99,22 @@ def _size(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------ settings
-def test_settings_and_defaults():
+async def test_settings_and_defaults():
     s = WeComSettings(name="desk", type="wecom", url=OFFICIAL)
     assert s.msgtype == "markdown" and s.mention_users == [] and s.mention_mobiles == []
     assert s.host == "qyapi.weixin.qq.com" and s.key == KEY
-    ch = WeComChannel(s, priority=0)
-    assert ch.kind == "wecom" and ch.service == "WeCom"
-    assert ch.per_minute == DEFAULT_RATE_PER_MINUTE == 20
-    assert WeComChannel(s.model_copy(update={"rate_per_minute": 5}), priority=0).per_minute == 5
-    # the kinds registry finds this module's settings model and channel
+    # the kinds registry finds this module's settings model and channel, and builds it
     assert kind_of("wecom") == (WeComSettings, WeComChannel)
+    built = build_channel(s, priority=1, throttle_base_s=5.0, retry_base_s=0.5, retry_max_s=60.0)
+    fewer = WeComChannel(s.model_copy(update={"rate_per_minute": 5}), priority=0)
+    try:
+        assert isinstance(built, WeComChannel) and built.kind == "wecom"
+        assert built.service == "WeCom" and built.priority == 1
+        assert built.per_minute == DEFAULT_RATE_PER_MINUTE == 20 and fewer.per_minute == 5
+        assert built.health.throttle_base_s == 5.0 and built.health.down_base_s == 0.5
+    finally:
+        await built.close()
+        await fewer.close()
 
 
 @pytest.mark.parametrize(

@@ -231,18 +231,14 @@ class WeComChannel(HttpChannel):
         priority: int,
         clock: Callable[[], float] = time.monotonic,
         default_rate_per_minute: int = DEFAULT_RATE_PER_MINUTE,
-        throttle_base_s: float = 30.0,
-        retry_base_s: float = 1.0,
-        retry_max_s: float = 300.0,
+        **delivery: float,  # throttle_base_s, retry_base_s, retry_max_s: as HttpChannel
     ) -> None:
         super().__init__(
             settings,
             priority=priority,
             clock=clock,
             default_rate_per_minute=default_rate_per_minute,
-            throttle_base_s=throttle_base_s,
-            retry_base_s=retry_base_s,
-            retry_max_s=retry_max_s,
+            **delivery,
         )
 
     def request(self, content: Alert | Digest, recipients: Sequence[str]) -> HttpRequest:
