@@ -45,7 +45,7 @@ ERRMSG = {
     40058: "invalid Request Parameter",
     44004: "empty content",
     45009: "api freq out of limit",
-    45033: "api concurrent out of limit",
+    45033: "api concurrent out of limit",  # (接口并发调用超过限制; our English words)
     93000: "invalid webhook url",
 }
 _MENTION = re.compile(r"<@([^<>\s]+)>")
