@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from producer.event import event_from_dict
 from tests.support.helpers import FakeClock
+from worker.channels.registry import build_channel, load_channels
 from worker.channels.telegram import (
     MAX_UNITS,
     TelegramChannel,
@@ -378,7 +379,7 @@ def _settings(**fields) -> TelegramSettings:
     return TelegramSettings(**{**base, **fields})
 
 
-def test_defaults_rate_and_no_secret_in_repr_dump_or_describe(tls_ca):
+def test_defaults_rate_and_no_secret_in_repr_dump_or_describe():
     s = _settings()
     ch = TelegramChannel(s, priority=0)
     assert s.api_base == "https://api.telegram.org" and s.host == "api.telegram.org"
@@ -429,3 +430,33 @@ def test_each_settings_mistake_is_one_line_naming_the_key(fields, where, says):
     assert at == where and says in message and "\n" not in message
     _secret_free(message)
     _secret_free(str(info.value))
+
+
+async def test_a_channels_file_table_builds_the_telegram_channel(tmp_path):
+    token_file = tmp_path / "tg_token"
+    token_file.write_text(TOKEN + "\n")
+    path = tmp_path / "channels.toml"
+    path.write_text(
+        f"""
+[[channel]]
+name = "tg"
+type = "telegram"
+chat_id = {CHAT}
+token_file = "{token_file}"
+disable_notification = true
+"""
+    )
+    [settings] = load_channels(path)
+    ch = build_channel(settings, priority=0)
+    try:
+        assert isinstance(ch, TelegramChannel) and ch.per_minute == 20
+        assert ch.request(_alert(), []).json["chat_id"] == CHAT
+    finally:
+        await ch.close()
+    path.write_text('[[channel]]\nname = "tg"\ntype = "telegram"\nchat_id = 42\n')
+    with pytest.raises(ValueError) as info:
+        load_channels(path)
+    assert str(info.value) == (
+        f"NOTIFIER_CHANNELS_FILE={path}: channel 'tg': token: missing; give token, token_file "
+        "or the systemd credential telegram_tg_token (the bot's token from @BotFather)"
+    )
