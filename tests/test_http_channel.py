@@ -24,7 +24,8 @@ class EchoChannel(HttpChannel):
 
     def request(self, content: Alert | Digest, recipients: Sequence[str]) -> HttpRequest:
         assert self.settings.url is not None
-        return HttpRequest(self.settings.url.get_secret_value(), json={"text": content.subject})
+        url = self.settings.url.get_secret_value()
+        return HttpRequest(url, json={"text": content.subject}, params={"sign": "s1"})
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ async def test_sends_on_one_kept_alive_connection_over_tls_with_its_own_ca(emula
             receipt = await ch.send(0, _alert(), ["x"])
         assert receipt.channel == "desk" and receipt.mode.startswith("http/")
         assert [r.json for r in emulator.requests] == [{"text": "止损 600519"}] * 3
-        assert emulator.requests[0].query == {"key": KEY}
+        assert emulator.requests[0].query == {"key": KEY, "sign": "s1"}  # both kept
         assert emulator.connections == 1
     finally:
         await ch.close()

@@ -235,13 +235,15 @@ class HttpChannel(Channel):
         req = self.request(content, recipients)
         t0 = time.perf_counter()
         try:
+            # params are added to the URL's own query (which may hold the key): httpx's
+            # params= would replace it
+            url = httpx.URL(req.url).copy_merge_params(dict(req.params))
             response = await self.client.request(
                 req.method,
-                req.url,
+                url,
                 json=req.json,
                 content=req.content,
                 headers=dict(req.headers),
-                params=dict(req.params) or None,  # (an empty dict would drop the URL's query)
             )
         except httpx.HTTPError as exc:
             raise self.classify(exc) from None
