@@ -324,19 +324,25 @@ async def test_a_critical_row_in_a_digest_mentions(bot, tls_ca, channels):
 
 
 # ----------------------------------------------------------------------- size
+LONG_TEXTS = {
+    "chinese": "价格跌破止损线，请立即处理。\n" * 1200 + '引号"与反斜杠\\\t结束',  # ~52 KB
+    # JSON doubles each " and \, markdown escapes * and _: the body is 2 to 4 times the text
+    "escapes": '"\\' * 8000 + "\t" * 2000 + "*_\n" * 4000,
+}
+
+
+@pytest.mark.parametrize("kind", list(LONG_TEXTS))
 @pytest.mark.parametrize("msg_type", ["interactive", "post", "text"])
-async def test_long_chinese_text_is_cut_with_a_marker_within_the_limit(
-    bot, tls_ca, channels, msg_type
+async def test_long_text_is_cut_with_a_marker_within_the_limit(
+    bot, tls_ca, channels, msg_type, kind
 ):
     ch = channels(bot, tls_ca, msg_type=msg_type, mention_all=True, secret=None, keywords=["告警"])
-    text = "价格跌破止损线，请立即处理。\n" * 1200 + '引号"与反斜杠\\\t结束'  # ~52 KB
-    await ch.send(0, _alert("critical", body=text, locale="zh"), [])
+    await ch.send(0, _alert("critical", body=LONG_TEXTS[kind], locale="zh"), [])
     raw = bot.requests[-1].body
     assert len(raw) <= MAX_BODY_BYTES <= 20 * 1024
-    assert len(raw) > MAX_BODY_BYTES - 2000  # cut, not thrown away
-    rendered = raw.decode("utf-8")
-    json.loads(rendered)  # whole JSON, never a character cut in half
-    assert "…（已截断）" in json.loads(rendered).__repr__()
+    assert len(raw) > MAX_BODY_BYTES - 1000  # cut to fit, not thrown away
+    sent = json.loads(raw.decode("utf-8"))  # whole JSON, never a character cut in half
+    assert "…（已截断）" in repr(sent)
     message = bot.messages[-1]
     assert "price" in message.text and "1700.50" in message.text and "事件 f1" in message.text
     assert message.mentions == ("all",)
