@@ -1,8 +1,7 @@
 """The Feishu / Lark channel: a custom bot (自定义机器人) posts each alert to its group.
 
 Request (自定义机器人使用指南, https://open.feishu.cn/document/client-docs/bot-v3/add-custom-bot;
-Lark: https://open.larksuite.com/document/client-docs/bot-v3/add-custom-bot): ``POST`` JSON to
-the bot's webhook ``https://open.feishu.cn/open-apis/bot/v2/hook/<token>`` (Lark:
+Lark's custom bots are the same API): ``POST`` JSON to the bot's webhook ``https://open.feishu.cn/open-apis/bot/v2/hook/<token>`` (Lark:
 ``open.larksuite.com``) with ``msg_type`` and the message:
 
 * ``interactive`` (the default): a card (``card``: ``header`` with the subject as
@@ -33,7 +32,9 @@ httpx sends it: UTF-8, compact) stays within :data:`MAX_BODY_BYTES`, the free te
 newest rows) cut first with a visible marker.
 
 Replies: HTTP 200 with ``{"code", "msg", "data"}`` (older bots: ``StatusCode`` /
-``StatusMessage``; ``code`` wins when both are there)::
+``StatusMessage``; ``code`` wins when both are there). 19021, 19022, 19024, 9499 Bad Request and
+11232 are in the guide; 19001, 19002, 19007 and 9499 "too many request" are replies seen from
+real bots (and kept as examples by other clients)::
 
     0                                      sent
     19001 incoming webhook token invalid   configuration: url (the bot was removed?)
