@@ -275,3 +275,15 @@ def test_ids_that_look_like_encoded_words_are_hashed_in_message_ids(text: str) -
         raw = next(v for k, v in parsed.raw_items() if k == name)
         assert "=?" not in raw and str(parsed[name]) == raw.strip(), name
     assert parsed["X-Notifier-Strategy"] == text
+
+
+@pytest.mark.parametrize("name", ["=?  \\", "=?utf-8?q?evil?=", "a  b", "=?x?= y"])
+def test_a_sender_name_with_encoded_word_marks_reads_back_exactly(name):
+    """Found by the differential property test in CI: a display name holding "=?" and a run
+    of spaces came back with one space (parsers collapse spaces inside encoded words)."""
+    from worker.compose import _address_header
+
+    header = _address_header("From", name, "0@0.com")
+    parsed = email.message_from_bytes((header + "\r\n\r\n").encode(), policy=email.policy.default)
+    assert parsed["From"].addresses[0].display_name == name
+    assert not parsed["From"].defects

@@ -169,6 +169,7 @@ STRUCTURED = frozenset({"message-id", "in-reply-to", "references", "date"})
 _WORD_OVERHEAD = len("=?utf-8?b??=")
 _PLAIN_TEXT = re.compile(r"[!-~](?:[ -~]*[!-~])?")  # printable ASCII, no edge spaces
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_ENCODED_WORD = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
 _TOKENS = re.compile(r" *[^ ]+")  # a word with the spaces before it: where a fold may go
 
 
@@ -259,8 +260,11 @@ def _address_header(name: str, display: str, address: str) -> str:
     _check(name, address)
     if not display:
         return _structured_header(name, address)
-    if _PLAIN_TEXT.fullmatch(display) and "=?" not in display:
-        if _ATOMS.fullmatch(display):
+    # A quoted-string keeps "=?" and runs of spaces as they are (inside an encoded word,
+    # parsers collapse the spaces), unless it holds a whole encoded word, which parsers
+    # decode even there: then encoded words of the literal text.
+    if _PLAIN_TEXT.fullmatch(display) and not _ENCODED_WORD.search(display):
+        if _ATOMS.fullmatch(display) and "=?" not in display:
             phrase = display
         else:  # a quoted-string keeps specials and runs of spaces as they are
             phrase = '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
