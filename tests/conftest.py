@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mappin
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import hypothesis
 import pytest
 import redis
 import redis.asyncio as aredis
@@ -49,6 +50,12 @@ from worker.channels import Channel
 from worker.devtools.redis_server import RedisServer
 from worker.devtools.smtp_server import SMTPTestServer, TLSMode
 from worker.queue import connect
+
+# Property tests explore new examples on every developer run; CI (CI=true) runs a fixed set,
+# so a landing never depends on a draw (a failure a developer run finds becomes a test).
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 
