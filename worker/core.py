@@ -104,6 +104,7 @@ def build_core(
             conf,
             priority=i,
             clock=clock.monotonic,
+            wall_clock=clock.time,
             throttle_base_s=settings.throttle_base_s,
             retry_base_s=settings.retry_base_s,
             retry_max_s=settings.retry_max_s,

@@ -17,6 +17,7 @@ kind is that module plus a line in :data:`KINDS`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,9 @@ def build_channel(
     clock: Callable[[], float] = time.monotonic,
     **defaults: Any,
 ) -> HttpChannel:
-    """The channel of a validated [[channel]] table."""
+    """The channel of a validated [[channel]] table. ``wall_clock`` (unix time, for signed
+    requests) reaches the kinds that sign."""
     _, channel_cls = kind_of(settings.type)
+    if "wall_clock" not in inspect.signature(channel_cls).parameters:
+        defaults.pop("wall_clock", None)
     return channel_cls(settings, priority=priority, clock=clock, **defaults)
