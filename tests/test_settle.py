@@ -167,6 +167,12 @@ async def test_every_decision_does_all_the_bookkeeping(client, caplog, case):
     assert record.status.value == outcomes[-1].status.value
     # 3. the metric
     assert _metric(metrics, metric, labels) == before + 1
+    # ... and per channel (the account that sent it, else the delivery's channel)
+    channel = "primary" if isinstance(decision, Sent) else "email"
+    if not isinstance(decision, Hold):  # (held: the channel whose limit held it)
+        status = outcomes[-1].status.value
+        labels = {"channel": channel, "outcome": status}
+        assert metrics.registry.get_sample_value("notifier_channel_outcomes_total", labels) == 1
     # 4. the worker's counts
     assert settler.counts[count_key] >= 1
     # 5. the log line, naming the event

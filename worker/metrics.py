@@ -7,7 +7,8 @@ Names (also used by deploy/prometheus/alerts.yml and the Grafana dashboard):
 * counters: ``notifier_delivered_total``, ``notifier_delivered_within_target_total``,
   ``notifier_retried_total{reason}``, ``notifier_dead_total{reason}``,
   ``notifier_suppressed_total``, ``notifier_digests_total``, ``notifier_held_total``,
-  ``notifier_requeued_total{reason}``, ``notifier_duplicates_total``
+  ``notifier_requeued_total{reason}``, ``notifier_duplicates_total``,
+  ``notifier_fanned_out_total``, ``notifier_channel_outcomes_total{channel, outcome}``
 * gauges: ``notifier_queue_depth``, ``notifier_retry_depth``, ``notifier_dead_depth``,
   ``notifier_processing_depth``, ``notifier_inflight_sends``, ``notifier_smtp_connections``,
   ``notifier_smtp_paused``, ``notifier_latency_target_seconds``, ``notifier_held_depth``,
@@ -94,6 +95,12 @@ class Metrics:
             "notifier_digests", "Digest mails sent (rate limit reached)", registry=r
         )
         self.held = Counter("notifier_held", "Events held for a digest", registry=r)
+        self.channel_outcomes = Counter(
+            "notifier_channel_outcomes",
+            "Outcomes per channel (an SMTP account, or a channel of CHANNELS_FILE)",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.fanned_out = Counter(
             "notifier_fanned_out", "Events split into one delivery per channel", registry=r
         )

@@ -225,7 +225,14 @@ class Settler:
                 else:
                     logger.info("requeued %s (%s): %s", h.id, d.reason, d.error)
                 self._done(
-                    Outcome(Status.REQUEUED, h.id, d.subject, reason=d.reason, error=d.error)
+                    Outcome(
+                        Status.REQUEUED,
+                        h.id,
+                        subject=d.subject,
+                        reason=d.reason,
+                        error=d.error,
+                        account=h.channel,
+                    )
                 )
             case Suppressed():
                 rec = DeliveryRecord(now, Status.SUPPRESSED, h.id)
@@ -234,7 +241,7 @@ class Settler:
                 logger.info(
                     "suppressed %s: repeat %d of %r in its window", h.id, d.count, d.dedup_key
                 )
-                self._done(Outcome(Status.SUPPRESSED, h.id, attempts=d.count))
+                self._done(Outcome(Status.SUPPRESSED, h.id, attempts=d.count, account=h.channel))
             case Duplicate():
                 rec = DeliveryRecord(now, Status.DUPLICATE, h.id, channel=h.channel)
                 await self.queue.drop(h.raw, rec)
@@ -303,7 +310,7 @@ class Settler:
         )
 
     async def _retry(self, h: Handling, d: Retry, now: float) -> None:
-        rec = DeliveryRecord(now, Status.RETRY, h.id, reason=d.reason)
+        rec = DeliveryRecord(now, Status.RETRY, h.id, reason=d.reason, channel=h.channel)
         await self.queue.retry(h.raw, d.again, d.due, rec, h.claim)
         self.metrics.retried.labels(d.reason).inc()
         self._wake()
@@ -320,7 +327,13 @@ class Settler:
         )
         self._done(
             Outcome(
-                Status.RETRY, h.id, d.subject, reason=d.reason, error=d.error, attempts=d.attempts
+                Status.RETRY,
+                h.id,
+                subject=d.subject,
+                reason=d.reason,
+                error=d.error,
+                attempts=d.attempts,
+                account=h.channel,
             )
         )
 
@@ -444,6 +457,8 @@ class Settler:
             self.on_retry()
 
     def _done(self, outcome: Outcome) -> None:
+        if outcome.account:  # the channel (an SMTP account's name for e-mail that was sent)
+            self.metrics.channel_outcomes.labels(outcome.account, outcome.status.value).inc()
         # an event delivered in a digest is a sent event in the worker's counts
         self.counts["sent" if outcome.status is Status.DIGEST else outcome.status.value] += 1
         if self.on_outcome is not None:
