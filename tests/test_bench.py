@@ -363,3 +363,25 @@ def test_no_fmt_skip_in_the_demo_bench_and_dev_tools() -> None:
         if "fmt: skip" in line
     ]
     assert found == []
+
+
+def test_http_emulator_answers_a_keep_alive_request_without_a_nagle_stall() -> None:
+    """The bench measures channel latency against the emulators: a reply written as headers
+    then body must not wait for the client's delayed ACK (~40 ms on Linux), as it would
+    without TCP_NODELAY (real servers set it)."""
+    import httpx
+
+    from worker.devtools.http_server import HttpEmulator
+
+    server = HttpEmulator().start()
+    try:
+        with httpx.Client() as client:
+            took = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                assert client.post(server.base_url + "/x", json={"a": 1}).status_code == 200
+                took.append(time.perf_counter() - t0)
+        assert server.connections == 1  # keep-alive
+        assert sorted(took)[4] < 0.02, took
+    finally:
+        server.stop()
