@@ -288,3 +288,6 @@ def test_demo_runs_from_the_checkout() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 mails received by the sink; dead letters: 1 (the malformed event)" in proc.stdout
     assert "100.0% within 1 s" in proc.stdout
+    # orders, fills and errors also go to the desk's webhook (i = 0 an order, i = 2 a fill)
+    assert "webhook desk-hook received 2 alerts (2 expected), p50 " in proc.stdout
+    assert "  sent " in proc.stdout and "to webhook desk-hook" in proc.stdout

@@ -1,9 +1,11 @@
-"""``notifier demo``: the whole pipeline on a throwaway Redis and a local SMTP sink.
+"""``notifier demo``: the whole pipeline on a throwaway Redis, a local SMTP sink and a webhook.
 
 Starts a private ``redis-server`` on a free loopback port (never the one on 6379), an
-in-process SMTP server with AUTH and PIPELINING that keeps what it receives, and the real
-worker; pushes sample events the way strategies do (producer and a raw LPUSH), prints each
-delivered mail and a latency summary, and stops everything it started.
+in-process SMTP server with AUTH and PIPELINING that keeps what it receives, a local webhook
+receiver (plain HTTP on loopback: the channel ``desk-hook``, from a temporary channels file,
+which a routes file gives orders, fills and errors beside e-mail) and the real worker; pushes
+sample events the way strategies do (producer and a raw LPUSH), prints each delivery (mail
+and webhook), what each channel received with its latency, and stops everything it started.
 
 The demo and the bench need the test servers of :mod:`worker.devtools` (and :mod:`worker.bench`),
 which live in the checkout only: the wheel carries the runtime. :func:`dev_tools_missing` says,
@@ -34,6 +36,8 @@ from .settings import Settings
 __all__ = ["demo", "dev_tools_missing"]
 
 DEMO_CODE = "demo-auth-code16"
+HOOK = "desk-hook"  # the demo's IM channel: a webhook to a local receiver
+HOOK_KINDS = ("order", "fill", "error")  # what the routes file also sends to it
 
 SAMPLES: list[dict[str, Any]] = [
     dict(
@@ -123,6 +127,7 @@ def demo(*, events: int = 20) -> int:
     if problem:
         print(f"notifier demo: {problem}", file=sys.stderr)
         return 2
+    from .devtools.emulators.webhook import WebhookEmulator
     from .devtools.redis_server import RedisServer
     from .devtools.smtp_server import SMTPTestServer
 
@@ -133,18 +138,39 @@ def demo(*, events: int = 20) -> int:
         redis_srv.start()
         smtp = SMTPTestServer(auth={"demo@example.com": DEMO_CODE}, pipelining=True)
         smtp.start()
+        hook = WebhookEmulator()  # plain http: accepted for loopback hosts
+        hook.start()
         try:
             print(
                 f"redis-server on {redis_srv.url} (throwaway), "
-                f"SMTP sink on 127.0.0.1:{smtp.port} (AUTH, PIPELINING)\n"
+                f"SMTP sink on 127.0.0.1:{smtp.port} (AUTH, PIPELINING), "
+                f"webhook receiver on {hook.url} (channel {HOOK})"
             )
-            return asyncio.run(_run(redis_srv.url, smtp, events))
+            files = _channel_files(Path(tmp), hook.url)
+            print(f"routes: {', '.join(HOOK_KINDS)} go to e-mail and {HOOK}; the rest to e-mail\n")
+            return asyncio.run(_run(redis_srv.url, smtp, hook, events, files))
         finally:
+            hook.stop()
             smtp.stop()
             redis_srv.stop()
 
 
-async def _run(redis_url: str, smtp: Any, events: int) -> int:
+def _channel_files(tmp: Path, hook_url: str) -> dict[str, Path]:
+    """The channels file (the webhook) and the routes file that sends it orders, fills and
+    errors beside e-mail; ``Settings`` fields."""
+    channels = tmp / "channels.toml"
+    channels.write_text(
+        f'[[channel]]\nname = "{HOOK}"\ntype = "webhook"\nurl = "{hook_url}"\n', encoding="utf-8"
+    )
+    routes = tmp / "routes.toml"
+    kinds = ", ".join(f'"{k}"' for k in HOOK_KINDS)
+    routes.write_text(
+        f'[[route]]\nkind = [{kinds}]\nchannels = ["email", "{HOOK}"]\n', encoding="utf-8"
+    )
+    return {"channels_file": channels, "routes_file": routes}
+
+
+async def _run(redis_url: str, smtp: Any, hook: Any, events: int, files: dict[str, Path]) -> int:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         redis_url=redis_url,
@@ -160,22 +186,30 @@ async def _run(redis_url: str, smtp: Any, events: int) -> int:
         concurrency=4,
         metrics_port=0,
         worker_id="demo",
+        channels_file=files["channels_file"],
+        routes_file=files["routes_file"],
     )
     outcomes: list[Outcome] = []
     done = asyncio.Event()
     good = events
+    # what the routes send to the webhook besides e-mail (the raw LPUSH, i == 3, has no kind)
+    to_hook = sum(
+        1 for i in range(events) if i != 3 and SAMPLES[i % len(SAMPLES)].get("kind") in HOOK_KINDS
+    )
 
     def show(o: Outcome) -> None:
         outcomes.append(o)
         if o.status is Status.SENT:
-            print(
-                f"  sent  {o.latency * 1000:6.1f} ms  to {','.join(o.recipients):<38} {o.subject}"
-            )
+            where = f"webhook {HOOK}" if o.account == HOOK else ",".join(o.recipients)
+            print(f"  sent  {o.latency * 1000:6.1f} ms  to {where:<38} {o.subject}")
+        elif o.status is Status.FANOUT:  # the route names two channels: one delivery each
+            print(f"  split {o.event_id[:8]}: one delivery to e-mail, one to {HOOK}")
         elif o.status is Status.DEAD:
             print(f"  dead  (as designed) {o.reason}: {o.error}")
         else:
             print(f"  {o.status} {o.event_id}: {o.error}")
-        if sum(1 for x in outcomes if x.status is Status.SENT) >= good:
+        sent = [x for x in outcomes if x.status is Status.SENT]
+        if len(sent) >= good + to_hook and sum(x.account == HOOK for x in sent) >= to_hook:
             done.set()
 
     worker = Worker(settings, on_outcome=show)
@@ -213,7 +247,8 @@ async def _run(redis_url: str, smtp: Any, events: int) -> int:
     await asyncio.sleep(0.2)
     worker.stop()
     await task
-    sent = [o for o in outcomes if o.status is Status.SENT]
+    hooked = [o for o in outcomes if o.status is Status.SENT and o.account == HOOK]
+    sent = [o for o in outcomes if o.status is Status.SENT and o.account != HOOK]
     dead = sum(1 for o in outcomes if o.status is Status.DEAD)
     received = smtp.messages
     summary = summarize([o.latency for o in sent], settings.latency_target_s)
@@ -223,7 +258,16 @@ async def _run(redis_url: str, smtp: Any, events: int) -> int:
     )
     print(f"latency (event produced -> SMTP 250): {summary.line()}")
     print(f"SMTP share: median {smtp_median_ms:.1f} ms a message on warm, pipelined connections")
-    ok = len(received) >= good and summary.within_target == 1.0
+    hook_p50 = (
+        summarize([o.latency for o in hooked], settings.latency_target_s).p50 * 1000
+        if hooked
+        else 0.0
+    )
+    print(
+        f"webhook {HOOK} received {len(hook.received)} alerts ({to_hook} expected), "
+        f"p50 {hook_p50:.1f} ms (event produced -> HTTP 200, keep-alive)"
+    )
+    ok = len(received) >= good and summary.within_target == 1.0 and len(hook.received) >= to_hook
     return 0 if ok else 1
 
 
