@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import RedisError
 
@@ -42,6 +42,9 @@ from .settings import (
     load_settings,
     unknown_variables,
 )
+
+if TYPE_CHECKING:
+    from .channels.http import HttpChannel
 
 __all__ = ["main"]
 
@@ -433,7 +436,53 @@ async def _check(args: argparse.Namespace) -> int:
             ok = False
         finally:
             await conn.close()
+    if not await _check_channels(s):
+        ok = False
     return 0 if ok else 1
+
+
+def _channel_summary(channel: HttpChannel) -> str:
+    """What `check` says of a working channel: its kind and host, whether it signs, its
+    keywords and rate limit; never the URL, a token or a secret."""
+    conf: Any = channel.settings
+    parts = [f"{channel.kind} {conf.host}"]
+    if getattr(conf, "chat_id", None):
+        parts.append(f"chat {conf.chat_id}")
+    if conf.secret is not None:
+        signature = getattr(conf, "signature", None)
+        parts.append(f"signed ({signature})" if signature == "standard" else "signed")
+    if getattr(conf, "headers", None):
+        parts.append(f"headers {', '.join(sorted(conf.headers))}")  # names only
+    if keywords := getattr(conf, "keywords", None):
+        parts.append(f"keywords {','.join(keywords)}")
+    parts.append(f"limit {channel.per_minute}/min" if channel.per_minute else "no rate limit")
+    return ", ".join(parts)
+
+
+async def _check_channels(s: Settings) -> bool:
+    """Build every channel of NOTIFIER_CHANNELS_FILE and probe it (Telegram: getMe and
+    getChat; Feishu: a signed request without a message; the others: the URL's shape); one
+    line each. False when one fails."""
+    from .channels.registry import build_channel
+
+    ok = True
+    for conf in s.channels():
+        label = f"channel {conf.name}"
+        try:
+            channel = build_channel(conf, priority=0)
+        except ValueError as exc:  # (the settings were validated: a kind's own refusal)
+            print(f"{label:<18} FAIL (configuration): {exc}")
+            ok = False
+            continue
+        try:
+            await channel.probe()
+            print(f"{label:<18} ok: {_channel_summary(channel)}")
+        except SendError as exc:
+            print(f"{label:<18} FAIL ({exc.category}): {exc}")
+            ok = False
+        finally:
+            await channel.close()
+    return ok
 
 
 async def _redis_durability(q: Queue) -> list[str]:
