@@ -6,6 +6,7 @@ is a real redis-server."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def assert_no_secret(res: Result) -> None:
         assert secret not in res.out + res.err, (secret, res)
 
 
-@pytest.fixture
-def services(tls_ca):
+@pytest.fixture(scope="module")
+def servers(tls_ca):
     """One emulator of each service, over HTTPS with the test CA."""
     ctx = tls_ca.server_context
     made = {
@@ -56,6 +57,19 @@ def services(tls_ca):
     yield made
     for server in made.values():
         server.stop()
+
+
+@pytest.fixture
+def services(servers):
+    """The emulators as they started: nothing recorded, no faults."""
+    for server in servers.values():
+        if isinstance(server, WebhookEmulator):  # (it has no reset of its own)
+            server.received.clear()
+            server.requests.clear()
+            server.clear_faults()
+        else:
+            server.reset()
+    return servers
 
 
 def channels_file(tmp_path: Path, tls_ca, services, **override: str) -> Path:
@@ -141,3 +155,45 @@ def test_check_fails_a_channel_with_one_line_and_no_secret(
     assert got["desk"].startswith("ok: ") and got["hook"].startswith("ok: "), res
     assert res.out.count("\n") == len(res.out.splitlines())  # one line each
     assert "Traceback" not in res.err
+
+
+# -- send-test --channel -------------------------------------------------------------------------
+
+
+def test_send_test_through_a_channel(notifier, redis_url, tmp_path, tls_ca, services):
+    env = {"NOTIFIER_REDIS_URL": redis_url}
+    env["NOTIFIER_CHANNELS_FILE"] = str(channels_file(tmp_path, tls_ca, services))
+    res = notifier("send-test", "--channel", "desk", env=env)  # no SMTP settings needed
+    assert res.code == 0, res
+    assert_no_secret(res)
+    assert "sent through channel desk (dingtalk 127.0.0.1)" in res.out, res
+    assert re.search(r"^  send +\d+\.\d ms", res.out, re.M), res
+    assert re.search(r"^  total +\d+\.\d ms", res.out, re.M), res
+    assert services["ding"].accepted == 1
+    (payload,) = [r.json for r in services["ding"].requests]
+    text = json.dumps(payload, ensure_ascii=False)
+    assert "notifier send-test" in text and "告警" in text  # the robot's keyword
+    res = notifier("send-test", "--channel", "tg", env=env)
+    assert res.code == 0, res
+    (msg,) = services["tg"].messages
+    assert "notifier send-test" in msg.text and "提醒通道已经打通" in msg.text
+
+
+def test_send_test_failure_and_unknown_channel_are_one_line(
+    notifier, redis_url, tmp_path, tls_ca, services
+):
+    env = {"NOTIFIER_REDIS_URL": redis_url}
+    env["NOTIFIER_CHANNELS_FILE"] = str(channels_file(tmp_path, tls_ca, services))
+    services["wecom"].fail_next(403)
+    res = notifier("send-test", "--channel", "ops", env=env)
+    assert res.code == 1, res
+    assert_no_secret(res)
+    (line,) = (res.out + res.err).strip().splitlines()
+    assert line.startswith("send-test FAIL (configuration): ") and "403" in line, res
+    res = notifier("send-test", "--channel", "nosuch", env=env)
+    assert res.code == 2, res
+    assert res.out == "" and res.err_lines == [
+        "notifier send-test: no channel 'nosuch'; known: email, desk, lark, tg, ops, hook"
+    ], res
+    res = notifier("send-test", "--channel", "email", env=env)  # e-mail still wants --to
+    assert res.code == 2 and len(res.err_lines) == 1 and "--to" in res.err, res
