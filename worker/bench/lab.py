@@ -6,6 +6,9 @@ Everything runs on 127.0.0.1 ports this command picked (never 6379) and is stopp
 * the SMTP servers: aiosmtpd with implicit TLS + AUTH + PIPELINING (a trustme certificate;
   in this process, it records when each message arrived), a private Postfix ``smtpd``
   (PIPELINING + CHUNKING, STARTTLS) and Postfix's ``smtp-sink`` (loopback speed);
+* the generic webhook's receiver (:class:`~worker.devtools.emulators.webhook.WebhookEmulator`,
+  HTTPS with the same trustme CA, verifying each signed request; in this process, it records
+  when each request arrived), the worker's channel ``desk-hook`` from a channels file;
 * :class:`~worker.devtools.proxy.LatencyProxy` in its own process, adding the chosen round
   trip (and emulating the TCP handshake) and counting the round trips;
 * the worker as users run it: ``python -m worker run`` with ``NOTIFIER_*`` settings, in a
@@ -50,6 +53,7 @@ from ..records import DeliveryRecord
 from .helpers import proc_cpu_s, proc_memory_mb
 
 if TYPE_CHECKING:
+    from ..devtools.emulators.webhook import WebhookEmulator
     from ..devtools.smtp_server import SMTPTestServer  # needs aiosmtpd (the dev extra)
 
 PREFIX = "notifier"
@@ -57,6 +61,7 @@ KEYS = Keys(PREFIX)
 USER, PASSWORD = "bench@example.com", "bench-auth-code-16"
 MAIL_FROM, MAIL_TO = "bench@example.com", "trader@example.com"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+HOOK, HOOK_SECRET = "desk-hook", "bench-webhook-signing-secret"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -382,6 +387,20 @@ class Lab:
         smtp: SMTPTestServer = self._once("aiosmtpd", make)
         return smtp
 
+    def webhook(self) -> WebhookEmulator:
+        """The webhook receiver over HTTPS, checking each request's signature (started once)."""
+
+        def make() -> WebhookEmulator:
+            from ..devtools.emulators.webhook import WebhookEmulator
+
+            hook = WebhookEmulator(ssl_context=self.tls["server_context"], secret=HOOK_SECRET)
+            hook.start()
+            self._stack.callback(hook.stop)
+            return hook
+
+        hook: WebhookEmulator = self._once("webhook", make)
+        return hook
+
     def postfix(self) -> PostfixServer:
         def make() -> PostfixServer:
             server = PostfixServer(tls_chain_file=self.tls["chain"])
@@ -482,6 +501,22 @@ class Lab:
         if lanes:
             s["NOTIFIER_CONCURRENCY"] = str(lanes)
         return s
+
+    def webhook_settings(self, url: str) -> dict[str, str]:
+        """Every event to the webhook channel only (a channels file and a routes file); e-mail
+        (configured, unused) on smtp-sink."""
+        channels, routes = self.tmp / "channels.toml", self.tmp / "routes.toml"
+        channels.write_text(
+            f'[[channel]]\nname = "{HOOK}"\ntype = "webhook"\nurl = "{url}"\n'
+            f'ca_file = "{self.tls["ca_file"]}"\nsecret = "{HOOK_SECRET}"\n',
+            encoding="utf-8",
+        )
+        routes.write_text(f'[default]\nchannels = ["{HOOK}"]\n', encoding="utf-8")
+        return {
+            **self.sink_settings(),
+            "NOTIFIER_CHANNELS_FILE": str(channels),
+            "NOTIFIER_ROUTES_FILE": str(routes),
+        }
 
     def add_target(
         self,
