@@ -254,6 +254,29 @@ def test_bench_quick_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["broken"] == []
 
 
+@pytest.mark.timeout(60)
+def test_bench_quick_webhook(capsys: pytest.CaptureFixture[str]) -> None:
+    """The webhook channel end to end: the real worker, a channels and a routes file, the
+    HTTPS receiver verifying signatures, through the proxy; one round trip a message."""
+    assert bench_mod.bench(quick=True, rtt_ms=10, as_json=True, scenarios=["webhook"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["broken"] == []
+    (row,) = report["rows"]
+    assert row["scenario"] == "webhook over HTTPS via 10 ms, keep-alive"
+    assert row["events"] == 10
+    assert 10 <= row["p50"] <= row["p95"] <= row["p99"]  # one round trip of the link, at least
+    assert row["round_trips"] == 1.0  # a kept-alive connection: the request, then the reply
+    notes = " ".join(row["notes"])
+    assert "mode http/1.1" in notes and "10/10 accepted with a valid signature over 1 TLS" in notes
+    assert "the first alert opened the connection" in notes
+    limits = [(t["name"].split(": ")[1], t["limit"]) for t in report["targets"]]
+    assert limits == [
+        ("worker p50 ≤ 1 round trip + 5 ms", "≤ 15 ms"),
+        ("round trips per message", "= 1"),
+    ]
+    assert report["targets"][1]["ok"] is True
+
+
 # -- the delivery records, read through worker.records only ------------------------------
 
 

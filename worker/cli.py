@@ -182,7 +182,8 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         metavar="NAME",
-        help="run only this scenario (repeatable): tls, chunking, burst, steady, saturation, rss",
+        help="run only this scenario (repeatable): tls, chunking, burst, steady, saturation, "
+        "rss, webhook",
     )
     return p
 
