@@ -197,3 +197,61 @@ def test_send_test_failure_and_unknown_channel_are_one_line(
     ], res
     res = notifier("send-test", "--channel", "email", env=env)  # e-mail still wants --to
     assert res.code == 2 and len(res.err_lines) == 1 and "--to" in res.err, res
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+async def test_stats_shows_each_channel_state_and_figures(
+    notifier, make_rig, smtp_server, redis_url, tmp_path, tls_ca, services
+):
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[default]\nchannels = ["email", "ops", "hook"]\n', encoding="utf-8")
+    rig = make_rig(
+        smtp_server,
+        retry_base_s=0.01,
+        retry_max_s=0.02,
+        channels_file=channels_file(tmp_path, tls_ca, services),
+        routes_file=routes,
+    )
+    await rig.deliver(rig.event("e1"), rig.event("e2"))
+    services["hook"].fail_next(500)
+    await rig.deliver(rig.event("e3"))
+    await rig.run_retries()  # e3's hook delivery: retried once, then delivered
+    services["hook"].fail_next(422)
+    services["wecom"].error_next(45009)  # WeCom: too many messages -> ops throttled
+    await rig.deliver(rig.event("e4"))
+    (letter,) = await rig.dead()
+    assert letter["channel"] == "hook"
+    # the worker's heartbeat, as its keeper writes it: every channel's describe()
+    await rig.queue.heartbeat(
+        {"accounts": {c.name: c.describe() for c in rig.deliverer.by_name.values()}}
+    )
+    env = {"NOTIFIER_REDIS_URL": redis_url}
+    res = notifier("stats", env=env)
+    assert res.code == 0, res
+    assert "{" not in res.out and "}" not in res.out, res.out
+    ms = r"p50 \d+\.\d ms, p95 \d+\.\d ms"
+    assert re.search(rf"^account primary \(email\): ok; delivered 4; {ms}$", res.out, re.M), res
+    assert re.search(
+        rf"^channel hook \(webhook\): ok; delivered 3, retried 1, dead 1; {ms}$", res.out, re.M
+    ), res
+    assert re.search(
+        rf"^channel ops \(wecom\): throttled; delivered 3, retried 1; {ms}; why: 45009 WeCom: ",
+        res.out,
+        re.M,
+    ), res
+    assert re.search(r"^channel lark \(feishu\): ok; nothing in the window$", res.out, re.M), res
+    st = json.loads(notifier("stats", "--json", env=env).out)["channels"]
+    hook = st["hook"]
+    assert (hook["kind"], hook["state"], hook["delivered"], hook["retried"], hook["dead"]) == (
+        "webhook",
+        "ok",
+        3,
+        1,
+        1,
+    )
+    assert 0 < hook["p50_s"] <= hook["p95_s"] < 5
+    assert (st["ops"]["state"], st["ops"]["retried"]) == ("throttled", 1)
+    assert "45009" in st["ops"]["reason"]
+    assert st["primary"]["delivered"] == 4 and st["primary"]["kind"] == "email"

@@ -34,7 +34,8 @@ from .logs import setup_logging
 from .mailer import Connection, message_bytes, tls_context
 from .metrics import summarize
 from .queue import Queue, connect
-from .records import Status
+from .records import DeliveryRecord, Status
+from .routing import EMAIL as EMAIL_CHANNEL
 from .settings import (
     Settings,
     SettingsError,
@@ -641,6 +642,7 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
     by_status = Counter(r.status for r in recs)
     dead_reasons = dict(Counter(r.reason for r in recs if r.status is Status.DEAD))
     workers = await q.workers()
+    accounts = _accounts_view(workers)
     paused = await q.redis.get(q.keys.paused)
 
     def clean(x: float) -> float | None:
@@ -668,7 +670,8 @@ async def stats_snapshot(q: Queue, window_s: float, target: float) -> dict[str, 
         "queue_wait_p95_s": clean(waits.p95),
         "smtp_p95_s": clean(smtp.p95),
         "workers": {w: (info is not None) for w, info in workers.items()},
-        "accounts": _accounts_view(workers),
+        "accounts": accounts,
+        "channels": _channels_view(recs, accounts, target),
         "held": await _held_view(q, now),
         "paused": json.loads(paused) if paused else None,
         "lifetime": await q.counters(),
@@ -738,6 +741,81 @@ def _accounts_view(workers: dict[str, dict[str, Any] | None]) -> dict[str, dict[
     return out
 
 
+def _channels_view(
+    recs: Sequence[DeliveryRecord], accounts: dict[str, dict[str, Any]], target: float
+) -> dict[str, dict[str, Any]]:
+    """Each channel's figures in the window (from the delivery records' channel: the e-mail
+    accounts that sent, ``email`` for e-mail deliveries retried or dead, the IM channels) and
+    its state as the live workers report it (None: no live worker has it)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def row(name: str) -> dict[str, Any]:
+        if name not in out:
+            acc = accounts.get(name) or {}
+            out[name] = {
+                "kind": acc.get("kind") or ("email" if name == EMAIL_CHANNEL else ""),
+                "state": acc.get("state"),
+                "reason": acc.get("reason") or "",
+                "delivered": 0,
+                "retried": 0,
+                "dead": 0,
+                "latencies": [],
+            }
+        return out[name]
+
+    for name in accounts:
+        row(name)
+    for r in recs:
+        if r.status not in (Status.SENT, Status.DIGEST, Status.RETRY, Status.DEAD):
+            continue
+        cur = row(r.channel or EMAIL_CHANNEL)  # (records older than the channels: e-mail)
+        if r.status is Status.RETRY:
+            cur["retried"] += 1
+        elif r.status is Status.DEAD:
+            cur["dead"] += 1
+        else:
+            cur["delivered"] += r.delivered
+            cur["latencies"].extend(r.event_latencies)
+    for cur in out.values():
+        summary = summarize(cur.pop("latencies"), target)
+        for key, value in (("p50_s", summary.p50), ("p95_s", summary.p95)):
+            cur[key] = None if math.isnan(value) else round(value, 4)
+    return out
+
+
+def _channel_lines(channels: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per channel: e-mail accounts first, then e-mail as a whole, then the others."""
+
+    def order(item: tuple[str, dict[str, Any]]) -> tuple[int, str]:
+        name, ch = item
+        return (0 if ch["kind"] == "email" and name != EMAIL_CHANNEL else 1, name)
+
+    lines = []
+    for name, ch in sorted(channels.items(), key=order):
+        if name == EMAIL_CHANNEL:
+            label = "e-mail (all accounts)"
+        elif ch["kind"] == "email":
+            label = f"account {name} (email)"
+        else:
+            label = f"channel {name}" + (f" ({ch['kind']})" if ch["kind"] else "")
+        state, why = "", f"; why: {ch['reason']}" if ch["reason"] else ""
+        if ch["state"] is not None:
+            state = f"{ch['state']}; "
+        elif name != EMAIL_CHANNEL:
+            state = "no live worker has it; "
+        figures = [f"delivered {ch['delivered']}"] if ch["delivered"] else []
+        figures += [f"{k} {ch[k]}" for k in ("retried", "dead") if ch[k]]
+        if not figures:
+            if name == EMAIL_CHANNEL:
+                continue
+            lines.append(f"{label}: {state}nothing in the window{why}")
+            continue
+        p50, p95 = ch["p50_s"], ch["p95_s"]
+        latency = f"; p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms" if p50 is not None else ""
+        lines.append(f"{label}: {state}{', '.join(figures)}{latency}{why}")
+    return lines
+
+
 def _age(seconds: float) -> str:
     """2m10s, 1h05m, 45s: an age a person reads at a glance."""
     s = int(seconds)
@@ -779,9 +857,8 @@ def _print_stats(st: dict[str, Any], *, watch: float | None = None) -> None:
         print("latency: no deliveries in the window")
     alive = [w for w, up in st["workers"].items() if up]
     print(f"workers: {len(alive)} alive" + (f" ({', '.join(alive)})" if alive else ""))
-    for name, acc in st["accounts"].items():
-        extra = f": {acc['reason']}" if acc.get("reason") else ""
-        print(f"account {name}: {acc['state']}{extra}")
+    for line in _channel_lines(st.get("channels", {})):
+        print(line)
     for held in st.get("held", []):
         oldest = held["oldest_age_s"]
         age = f"oldest {_age(oldest)}" if oldest is not None else "age unknown"
