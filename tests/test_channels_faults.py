@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -193,6 +192,7 @@ def test_redis_restart_while_events_fan_out_loses_and_repeats_nothing(
     wait_until(lambda: len(hook.got()) >= 8, 20, "the first deliveries to the hook")
 
     server.kill()  # a crash: only what appendfsync-always wrote survives
+    assert len(hook.got()) < len(first), "everything was sent before Redis went"
     r.close()
     time.sleep(4.0)  # longer than the heartbeat TTL (3 s) and the back-off cap
     assert proc.poll() is None, log_of(proc)
@@ -232,22 +232,19 @@ def test_a_5xx_storm_on_the_channel_delivers_everything_and_never_repeats_e_mail
     proc = worker_proc(env)
     ids = [f"c5xx-{i:02d}" for i in range(50)]
 
-    def produce() -> None:  # a stream over ~1.5 s, through the storm
-        for i in range(0, len(ids), 5):
-            push(r, *(event(x) for x in ids[i : i + 5]))
-            time.sleep(0.15)
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    time.sleep(2.0)
-    producer.join()
+    wait_for_log(proc, " started: ", 20)
+    for i in range(0, len(ids), 5):  # a stream over ~1.5 s, into the storm
+        push(r, *(event(x) for x in ids[i : i + 5]))
+        time.sleep(0.15)
+    # The storm lasts until the hook has answered 502 a dozen times, whatever the load (the
+    # seeded draws make the count of 502s the same on every run).
+    wait_until(lambda: hook.refused >= 12, 15, "a dozen 502s")
     hook.fail_rate = 0.0  # the storm is over
     mail, im = wait_both(r, smtp_server, hook, ids, 30)
     print(
         f"5xx storm: {hook.refused} 502s for {len(ids)} events; dead {len(dead_letters(r))}, "
         f"duplicates e-mail {extra(mail)} hook {extra(im)}"
     )
-    assert hook.refused >= 5, "the storm did not happen"
     assert dead_letters(r) == []
     assert mail == dict.fromkeys(ids, 1)  # e-mail once, whatever the hook's retries
     assert im == dict.fromkeys(ids, 1)
@@ -302,5 +299,6 @@ def test_e_mail_throttled_goes_to_the_fallback_channel_fast_and_comes_back(
     assert latency[-1] < 1.0, latency
     assert set(im) == set(throttled)  # while throttled: the fallback
     assert set(mail) == set(later)  # after the cool-down: e-mail again, by itself
+    assert smtp_server.failed >= 1  # e-mail was tried, and refused, before the fallback
     assert dead_letters(r) == []
     assert "throttled" in log_of(proc)
