@@ -255,3 +255,35 @@ async def test_stats_shows_each_channel_state_and_figures(
     assert (st["ops"]["state"], st["ops"]["retried"]) == ("throttled", 1)
     assert "45009" in st["ops"]["reason"]
     assert st["primary"]["delivered"] == 4 and st["primary"]["kind"] == "email"
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+async def test_a_channels_dead_letter_is_listed_with_its_channel_and_replays_only_that_copy(
+    notifier, make_rig, smtp_server, redis_url, tmp_path, tls_ca, services
+):
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[default]\nchannels = ["email", "hook"]\n', encoding="utf-8")
+    rig = make_rig(
+        smtp_server, channels_file=channels_file(tmp_path, tls_ca, services), routes_file=routes
+    )
+    services["hook"].fail_next(422, {"error": "unprocessable"})
+    await rig.deliver(rig.event("p1", subject="止损触发 600519"))
+    assert [p["id"] for p in services["hook"].received] == []
+    assert len(smtp_server.messages) == 1
+    env = {"NOTIFIER_REDIS_URL": redis_url}
+    res = notifier("dead", "list", env=env)
+    assert res.code == 0, res
+    assert re.search(r"  p1  channel hook  \[permanent\] .*422 ", res.out), res
+    (row,) = map(json.loads, notifier("dead", "list", "--json", env=env).out.splitlines())
+    assert row["channel"] == "hook"
+    res = notifier("dead", "replay", "--id", "p1", env=env)
+    assert (res.code, res.out) == (0, "replayed 1 event(s)\n"), res
+    (queued,) = [json.loads(x) for x in await rig.redis.lrange("notifier:queue", 0, -1)]
+    assert queued["_meta"] == {"replayed": True, "channel": "hook"}
+    assert queued["subject"] == "止损触发 600519"
+    await rig.run_queue()
+    assert [p["id"] for p in services["hook"].received] == ["p1"]
+    assert len(smtp_server.messages) == 1  # e-mail's copy was delivered: never again
+    assert await rig.leftovers() == {} and await rig.dead() == []

@@ -944,8 +944,10 @@ async def _dead_list(q: Queue, limit: int, *, as_json: bool) -> int:
             print(json.dumps({"handle": handle_of(raw), **letter}, ensure_ascii=False))
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.get("failed_at", 0)))
+        channel = letter.get("channel")
+        where = f"channel {channel}  " if channel and channel != EMAIL_CHANNEL else ""
         print(
-            f"{when}  {handle_of(raw)}  {letter.get('id') or '<no id>'}  "
+            f"{when}  {handle_of(raw)}  {letter.get('id') or '<no id>'}  {where}"
             f"[{letter.get('reason')}] {letter.get('error')}"
         )
         print(f"    {str(letter.get('event', ''))[:200]}")
@@ -986,8 +988,8 @@ async def _dead_replay(q: Queue, wanted: str | None) -> int:
 
 
 def _replay_text(letter: dict[str, Any]) -> tuple[str | None, str]:
-    """The event as it goes back on the queue (attempts reset, marked as replayed), or None
-    and why it is still invalid (checked with the worker's own parser)."""
+    """The event as it goes back on the queue (attempts reset, marked as replayed, the channel
+    of a fanned-out copy kept), or None and why it is still invalid (checked with the worker's own parser)."""
     original = str(letter.get("event", ""))
     try:
         obj = json.loads(original)
@@ -999,8 +1001,11 @@ def _replay_text(letter: dict[str, Any]) -> tuple[str | None, str]:
         except InvalidEvent as exc:
             return None, exc.reason
         return None, "not a JSON object"
-    obj.pop("_meta", None)
+    meta = obj.pop("_meta", None)
     obj["_meta"] = {"replayed": True}
+    # a fanned-out copy goes back as that copy: only its channel's delivery is sent again
+    if isinstance(meta, dict) and isinstance(meta.get("channel"), str):
+        obj["_meta"]["channel"] = meta["channel"]
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
         parse_event(text)
