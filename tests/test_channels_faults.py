@@ -187,6 +187,7 @@ def test_redis_restart_while_events_fan_out_loses_and_repeats_nothing(
         tmp_path, tls_ca, hook, FAN_OUT
     )
     proc = worker_proc(env)
+    other = worker_proc(env)  # two workers: each finds the other's heartbeat gone at restart
     first = [f"crr-a{i:02d}" for i in range(40)]
     push(r, *(event(i) for i in first))
     wait_until(lambda: len(hook.got()) >= 8, 20, "the first deliveries to the hook")
@@ -213,7 +214,7 @@ def test_redis_restart_while_events_fan_out_loses_and_repeats_nothing(
     assert extra(mail) == 0, {k: n for k, n in mail.items() if n > 1}
     assert dead_letters(r) == []
     assert "Redis reachable again" in log_of(proc)
-    assert proc.poll() is None
+    assert proc.poll() is None and other.poll() is None
 
 
 # -- 5xx storm -------------------------------------------------------------------------
