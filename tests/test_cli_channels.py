@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,11 @@ def services(servers):
     return servers
 
 
-def channels_file(tmp_path: Path, tls_ca, services, **override: str) -> Path:
+def channels_file(
+    tmp_path: Path, tls_ca, services, *, timeout_s: float = 2.0, **override: str
+) -> Path:
     """Every kind of channel, with its secrets written in the file."""
-    ca = f'ca_file = "{tls_ca.ca_file}"\ntimeout_s = 2.0\n'
+    ca = f'ca_file = "{tls_ca.ca_file}"\ntimeout_s = {timeout_s}\n'
     tables = {
         "desk": (
             'type = "dingtalk"\n'
@@ -155,6 +158,24 @@ def test_check_fails_a_channel_with_one_line_and_no_secret(
     assert got["desk"].startswith("ok: ") and got["hook"].startswith("ok: "), res
     assert res.out.count("\n") == len(res.out.splitlines())  # one line each
     assert "Traceback" not in res.err
+
+
+def test_check_probes_the_channels_at_once(
+    notifier, redis_url, smtp_server, worker_env, tmp_path, tls_ca, services
+):
+    """Two services that do not answer cost their timeout once, not once each."""
+    path = channels_file(tmp_path, tls_ca, services, timeout_s=2.5)
+    services["tg"].stall_next(6.0)
+    services["feishu"].stall_next(6.0)
+    started = time.monotonic()
+    res = notifier("check", env=worker_env(redis_url, smtp_server, channels_file=path))
+    took = time.monotonic() - started
+    assert res.code == 1, res
+    got = lines_of(res.out, "channel")
+    assert list(got) == ["desk", "lark", "tg", "ops", "hook"]  # the file's order
+    assert got["tg"] == "FAIL (transient): Telegram (127.0.0.1) did not answer in time", res
+    assert got["lark"] == "FAIL (transient): Feishu (127.0.0.1) did not answer in time", res
+    assert took < 4.5, took  # one after the other: more than 5 s
 
 
 # -- send-test --channel -------------------------------------------------------------------------

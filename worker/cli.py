@@ -45,7 +45,7 @@ from .settings import (
 )
 
 if TYPE_CHECKING:
-    from .channels.http import HttpChannel
+    from .channels.http import HttpChannel, HttpChannelSettings
 
 __all__ = ["main"]
 
@@ -469,28 +469,30 @@ def _channel_summary(channel: HttpChannel) -> str:
 
 async def _check_channels(s: Settings) -> bool:
     """Build every channel of NOTIFIER_CHANNELS_FILE and probe it (Telegram: getMe and
-    getChat; Feishu: a signed request without a message; the others: the URL's shape); one
-    line each. False when one fails."""
+    getChat; Feishu: a signed request without a message; the others: the URL's shape), all at
+    once (a service that does not answer costs its timeout once); one line each, in the file's
+    order. False when one fails."""
+    results = await asyncio.gather(*(_check_channel(conf) for conf in s.channels()))
+    for _ok, line in results:
+        print(line)
+    return all(ok for ok, _line in results)
+
+
+async def _check_channel(conf: HttpChannelSettings) -> tuple[bool, str]:
     from .channels.registry import build_channel
 
-    ok = True
-    for conf in s.channels():
-        label = f"channel {conf.name}"
-        try:
-            channel = build_channel(conf, priority=0)
-        except ValueError as exc:  # (the settings were validated: a kind's own refusal)
-            print(f"{label:<18} FAIL (configuration): {exc}")
-            ok = False
-            continue
-        try:
-            await channel.probe()
-            print(f"{label:<18} ok: {_channel_summary(channel)}")
-        except SendError as exc:
-            print(f"{label:<18} FAIL ({exc.category}): {exc}")
-            ok = False
-        finally:
-            await channel.close()
-    return ok
+    label = f"channel {conf.name}"
+    try:
+        channel = build_channel(conf, priority=0)
+    except ValueError as exc:  # (the settings were validated: a kind's own refusal)
+        return False, f"{label:<18} FAIL (configuration): {exc}"
+    try:
+        await channel.probe()
+        return True, f"{label:<18} ok: {_channel_summary(channel)}"
+    except SendError as exc:
+        return False, f"{label:<18} FAIL ({exc.category}): {exc}"
+    finally:
+        await channel.close()
 
 
 async def _redis_durability(q: Queue) -> list[str]:
