@@ -216,6 +216,10 @@ def test_send_test_failure_and_unknown_channel_are_one_line(
     assert res.out == "" and res.err_lines == [
         "notifier send-test: no channel 'nosuch'; known: email, desk, lark, tg, ops, hook"
     ], res
+    res = notifier("send-test", "--channel", "tg", "--to", "a@example.com", env=env)
+    assert res.code == 2 and res.err_lines == [
+        "notifier send-test: --to is for e-mail; channel tg sends to its own group or chat"
+    ], res
     res = notifier("send-test", "--channel", "email", env=env)  # e-mail still wants --to
     assert res.code == 2 and len(res.err_lines) == 1 and "--to" in res.err, res
 

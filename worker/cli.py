@@ -586,7 +586,11 @@ async def _send_test(args: argparse.Namespace) -> int:
     from .compose import Composer
 
     loaded = _load(args)
-    if args.channel != "email":
+    if args.channel != EMAIL_CHANNEL:
+        if args.to:
+            raise CommandError(
+                f"--to is for e-mail; channel {args.channel} sends to its own group or chat", 2
+            )
         return await _send_test_channel(loaded, args.channel)
     s = loaded.settings
     to = args.to
