@@ -108,3 +108,17 @@ async def test_a_channel_that_refuses_for_good_dead_letters_only_its_delivery(
     (letter,) = await rig.dead()
     assert (letter["id"], letter["channel"], letter["reason"]) == ("p1", "hook", "permanent")
     assert KEY not in str(letter)
+
+
+def test_a_worker_opens_its_channels_connections_at_start(
+    worker_proc, worker_env, smtp_server, redis_url, tmp_path, tls_ca, wecom, hook
+):
+    files = _files(tmp_path, tls_ca, wecom, hook, '[default]\nchannels = ["email", "hook"]\n')
+    env = worker_env(redis_url, smtp_server, **{k: str(v) for k, v in files.items()})
+    proc = worker_proc(env)
+    deadline = time.monotonic() + 10
+    while (hook.warmups < 1 or wecom.warmups < 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None
+    assert hook.warmups == 1 and wecom.warmups == 1
+    assert hook.requests == [] and wecom.requests == []  # nothing was sent to warm them

@@ -131,3 +131,21 @@ def test_plain_http_only_to_loopback_and_secrets_from_files(tmp_path):
     s = HttpChannelSettings(name="d", type="echo", url_file=url_file)
     assert s.host == "qyapi.weixin.qq.com"
     assert KEY not in repr(s) and KEY not in str(s.model_dump())
+
+
+async def test_warm_up_opens_the_connection_the_first_send_then_uses(emulator, tls_ca):
+    ch = _channel(emulator, tls_ca)
+    try:
+        assert await ch.warm_up() == []
+        assert emulator.warmups == 1 and emulator.requests == []  # HEAD /, nothing sent
+        await ch.send(0, _alert(), ["x"])
+        assert emulator.connections == 1  # the alert went on the warm connection
+    finally:
+        await ch.close()
+    ch = _channel(emulator, tls_ca)
+    emulator.stop()
+    try:
+        (err,) = await ch.warm_up()  # the service is down: said, not raised
+        assert isinstance(err, TransientError) and KEY not in str(err)
+    finally:
+        await ch.close()

@@ -96,6 +96,7 @@ class Worker:
         self._epoch = 0
         self._registered = False
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
         self._foreign_checked = -1e9
 
     @property
@@ -159,6 +160,7 @@ class Worker:
             logger.warning("recovered %d in-flight event(s) of worker %s", n, wid)
         self._metrics_server = self.metrics.serve(s.metrics_host, s.metrics_port)
         await self._first_login()
+        self._warm_task = asyncio.create_task(self._warm_channels(), name="warm")
         self.metrics.connections.set(self._open_connections())
         logger.info(
             "worker %s started: %s:%s (%s), %d lane(s), queue %s%s",
@@ -250,7 +252,18 @@ class Worker:
                 await _cancel(*pending)
             await _cancel(*helpers, stop_wait)
 
+    async def _warm_channels(self) -> None:
+        """Open the other channels' connections now, beside the work (they reconnect on
+        demand anyway): the first alert of each pays one round trip, not a TLS handshake."""
+        others = [c for c in self.all_channels if c not in self.channels]
+        results = await asyncio.gather(*(c.warm_up() for c in others))
+        for channel, errors in zip(others, results, strict=True):
+            for err in errors:
+                logger.warning("channel %s: warm-up: %s (connecting on demand)", channel.name, err)
+
     async def _shutdown(self) -> None:
+        if self._warm_task is not None:
+            await _cancel(self._warm_task)
         if self._heartbeat_task is not None:  # (a stop during start-up: still running)
             await _cancel(self._heartbeat_task)
         try:

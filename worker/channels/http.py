@@ -274,6 +274,21 @@ class HttpChannel(Channel):
             return TransientError(f"{self.service} ({host}): {type(exc).__name__}")
         return TransientError(f"{self.service} ({host}): {type(exc).__name__}")
 
+    async def warm_up(self) -> list[SendError]:
+        """Open the connection now (at start, as e-mail does): a ``HEAD /`` to the service's
+        host, whatever it answers; no key or token goes with it. The first alert then costs
+        one round trip, not a TCP and TLS handshake too."""
+        url = self.settings.url.get_secret_value() if self.settings.url else None
+        url = url or getattr(self.settings, "api_base", None)  # (Telegram: its API base)
+        if not url:
+            return []
+        parts = httpx.URL(url)
+        try:
+            await self.client.head(str(parts.copy_with(path="/", query=None, fragment=None)))
+        except httpx.HTTPError as exc:
+            return [self.classify(exc)]
+        return []
+
     async def probe(self) -> None:
         """No harmless call exists for a webhook: a configured URL is all there is to check."""
         if self.settings.url is None:

@@ -123,6 +123,15 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = _handle
     do_GET = _handle
 
+    def do_HEAD(self) -> None:
+        """What a channel's warm-up sends to open its connection: 200, no body, not recorded
+        and not a fault's turn (as a web server answers HEAD /)."""
+        with self.server.owner._lock:  # (counted before the client can read the reply)
+            self.server.owner.warmups += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
 
 class HttpEmulator(LocalServer):
     """A service emulator on 127.0.0.1 (a free port), over TLS with ``ssl_context``."""
@@ -131,6 +140,7 @@ class HttpEmulator(LocalServer):
         self.ssl_context = ssl_context
         self.requests: list[EmulatedRequest] = []
         self.connections = 0
+        self.warmups = 0  # HEAD requests (a channel opening its connection at start)
         self._faults: deque[_Fault] = deque()
         self._lock = threading.Lock()
         self._server: _Server | None = None
