@@ -480,7 +480,11 @@ def scenario_webhook(lab: Lab) -> None:
     name = f"webhook over HTTPS via {rtt:g} ms, keep-alive"
     url = f"https://127.0.0.1:{proxy.port}{hook.path}"
     with lab.worker("webhook", lab.webhook_settings(url)) as worker:
-        # The first alert opens the connection (HTTP channels connect on first use): apart.
+        # The worker opens the channel's connection at start (HEAD /): wait for it, then the
+        # first alert is measured apart (the server's first request on a connection).
+        deadline = time.monotonic() + 10
+        while hook.warmups < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         before = proxy.stats()
         with Notifier(lab.redis_url, key_prefix=PREFIX, timeout=2.0) as producer:
             first_id = producer.send("bench webhook: the first alert", strategy="ma_cross")
@@ -506,16 +510,22 @@ def scenario_webhook(lab: Lab) -> None:
     )
     if first is not None and first.latency_s is not None:
         row.notes.append(
-            f"not counted: the first alert opened the connection (TCP + TLS; HTTP channels "
-            f"connect on first use): {first.latency_s * 1000:.1f} ms, {first_rt} round trips"
+            f"not counted: the first alert, on the connection the worker opened at start "
+            f"({hook.warmups} warm-up): {first.latency_s * 1000:.1f} ms, {first_rt} round trips"
         )
     lab.rows.append(row)
     limit = rtt + 5
     lab.add_target(
-        f"{name}: worker p50 ≤ 1 round trip + 5 ms",
+        f"{name}: push to request received by the service p50 ≤ 1 round trip + 5 ms",
         limit=f"≤ {limit:g} ms",
+        measured=s50,
+        ok=s50 is not None and s50 <= limit,
+    )
+    lab.add_target(
+        f"{name}: worker p50 (to the service's reply) ≤ 1 round trip + 10 ms",
+        limit=f"≤ {rtt + 10:g} ms",
         measured=row.p50,
-        ok=row.p50 is not None and row.p50 <= limit,
+        ok=row.p50 is not None and row.p50 <= rtt + 10,
     )
     lab.add_target(
         f"{name}: round trips per message",
