@@ -64,6 +64,7 @@ class _Refused:
     """A channel refused the message for good (a permanent reply)."""
 
     error: SendError
+    by: str  # "the SMTP server", "the Webhook service (channel hook)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,13 @@ class _Delivered:
 
 
 _Attempt = _Delivered | Hold | Requeue | _Refused | _Failed | _NotComposed
+
+
+def _who(channel: Channel) -> str:
+    """Who refused, for a dead letter's reason."""
+    if channel.kind == "email":
+        return "the SMTP server"
+    return f"channel {channel.name} ({channel.kind})"
 
 
 def _raw_id(raw: bytes) -> str:
@@ -221,7 +229,7 @@ class Deliverer:
                 return attempt
             case _Refused():
                 return Dead(
-                    "permanent", f"refused by the SMTP server: {attempt.error}", h.attempts + 1
+                    "permanent", f"refused by {attempt.by}: {attempt.error}", h.attempts + 1
                 )
             case _NotComposed():
                 return Dead("invalid", f"cannot compose the mail: {attempt.error}", h.attempts)
@@ -336,7 +344,7 @@ class Deliverer:
             except SendError as err:
                 channel.health.failed(err)
                 if isinstance(err, PermanentError):
-                    return _Refused(err)
+                    return _Refused(err, _who(channel))
                 errors.append((channel, err))
                 continue
             except Exception as exc:  # not a send failure (those are classified): rendering
@@ -523,7 +531,7 @@ class Deliverer:
                     await self.settler.settle(h, attempt)
             case _Refused():
                 for h in ready:
-                    error = f"refused by the SMTP server: {attempt.error}"
+                    error = f"refused by {attempt.by}: {attempt.error}"
                     await self.settler.settle(h, Dead("permanent", error, h.attempts + 1))
             case _NotComposed():
                 for h in ready:
