@@ -266,12 +266,16 @@ class Worker:
             await _cancel(self._warm_task)
         if self._heartbeat_task is not None:  # (a stop during start-up: still running)
             await _cancel(self._heartbeat_task)
+        # At the stop, one try each (at most 5 s in all), not waiting out an outage: what
+        # cannot be returned now is recovered when this worker's heartbeat expires.
+        self.queue.guard = None
         try:
             if self._registered:  # (a stop during start-up before Redis answered: nothing)
-                n = await asyncio.wait_for(self.queue.requeue_all(), timeout=5)
-                if n:
-                    logger.info("returned %d unsent event(s) to the queue", n)
-                await asyncio.wait_for(self.queue.deregister(), timeout=5)
+                async with asyncio.timeout(5):
+                    n = await self.queue.requeue_all()
+                    if n:
+                        logger.info("returned %d unsent event(s) to the queue", n)
+                    await self.queue.deregister()
         except (*REDIS_ERRORS, TimeoutError) as exc:
             logger.error(
                 "could not return in-flight events to the queue (%s); another worker will "
