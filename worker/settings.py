@@ -527,7 +527,10 @@ class Settings(SmtpFields, BaseSettings):
         return redacted_url(self.redis_url)
 
 
-def _read_password(path: Path | None, credential: str) -> SecretStr | None:
+def read_secret(path: Path | None, credential: str, *, setting: str = "") -> SecretStr | None:
+    """A secret (a password, a webhook URL, a token) from ``path``, else from systemd's
+    ``$CREDENTIALS_DIRECTORY/<credential>``; None when neither holds one. ValueError (naming
+    ``setting=path``, never the secret) when the file cannot be read."""
     if path is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if creds and (Path(creds) / credential).is_file():
@@ -537,10 +540,13 @@ def _read_password(path: Path | None, credential: str) -> SecretStr | None:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ValueError(
-            f"NOTIFIER_SMTP_PASSWORD_FILE={path}: cannot read it ({exc.strerror})"
-        ) from None
+        where = f"{setting}={path}" if setting else str(path)
+        raise ValueError(f"{where}: cannot read it ({exc.strerror})") from None
     return SecretStr(text) if text else None
+
+
+def _read_password(path: Path | None, credential: str) -> SecretStr | None:
+    return read_secret(path, credential, setting="NOTIFIER_SMTP_PASSWORD_FILE")
 
 
 _ACCOUNT_FIELD_NAMES = frozenset(SmtpAccount.model_fields)

@@ -23,7 +23,6 @@ ever contains a URL, only the channel's name and the service's host.
 from __future__ import annotations
 
 import email.utils
-import os
 import ssl
 import time
 from abc import abstractmethod
@@ -44,6 +43,7 @@ from ..errors import (
     ThrottledError,
     TransientError,
 )
+from ..settings import read_secret
 from .base import Channel, Health, Receipt
 
 __all__ = [
@@ -55,21 +55,6 @@ __all__ = [
 ]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def read_secret(path: Path | None, credential: str) -> SecretStr | None:
-    """A secret from ``path``, else from systemd's ``$CREDENTIALS_DIRECTORY/<credential>``."""
-    if path is None:
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds and (Path(creds) / credential).is_file():
-            path = Path(creds) / credential
-    if path is None:
-        return None
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from None
-    return SecretStr(text) if text else None
 
 
 def check_url(url: str) -> str:
