@@ -4,6 +4,7 @@ and the plain-text / markdown renderings and the byte-limit helper that IM chann
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 import unicodedata
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producer.event import Event
+from producer.event import Event, parse_event
 from worker.content import (
     TRUNCATED,
     Alert,
@@ -31,8 +32,11 @@ from worker.content import (
     event_key,
     fit,
     format_value,
+    is_critical,
+    markdown_of,
     render_subject,
     repeated_note,
+    text_of,
 )
 
 
@@ -428,3 +432,16 @@ def test_building_an_alert_is_cheap() -> None:
     for _ in range(200):
         build_alert(FILL, event_id="fill-42")
     assert (time.perf_counter() - start) / 200 < 0.001
+
+
+def test_channels_render_alerts_and_digests_through_one_helper_each():
+    info = parse_event(json.dumps({"id": "a", "subject": "开仓 600519", "ts": 1796100000}))
+    crit = parse_event(json.dumps({"id": "b", "subject": "断线", "severity": "critical"}))
+    alert = build_alert(info, event_id="a")
+    digest = build_digest([("a", info), ("b", crit)], reason="qq: rate limit 20/min reached")
+    assert text_of(alert) == as_text(alert) and markdown_of(alert) == as_markdown(alert)
+    assert text_of(digest, max_bytes=200) == digest_as_text(digest, max_bytes=200)
+    assert markdown_of(digest) == digest_as_markdown(digest)
+    assert not is_critical(alert)
+    assert is_critical(build_alert(crit, event_id="b")) and is_critical(digest)
+    assert not is_critical(build_digest([("a", info)]))

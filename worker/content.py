@@ -584,3 +584,25 @@ def _digest_markdown(digest: Digest, shown: int) -> str:
 def digest_as_markdown(digest: Digest, *, max_bytes: int | None = None) -> str:
     """The digest as CommonMark: bold subject, summary, a list with one item per event."""
     return _fit_digest(_digest_markdown, digest, max_bytes)
+
+
+# ------------------------------------------------------------------------ for channels
+def is_critical(content: Alert | Digest) -> bool:
+    """A critical alert, or a digest that holds one (channels @-mention for these)."""
+    if isinstance(content, Digest):
+        return any(row.severity == "critical" for row in content.rows)
+    return content.severity == "critical"
+
+
+def text_of(content: Alert | Digest, *, max_bytes: int | None = None) -> str:
+    """:func:`as_text` of an alert, :func:`digest_as_text` of a digest."""
+    if isinstance(content, Digest):
+        return digest_as_text(content, max_bytes=max_bytes)
+    return as_text(content, max_bytes=max_bytes)
+
+
+def markdown_of(content: Alert | Digest, *, max_bytes: int | None = None) -> str:
+    """:func:`as_markdown` of an alert, :func:`digest_as_markdown` of a digest."""
+    if isinstance(content, Digest):
+        return digest_as_markdown(content, max_bytes=max_bytes)
+    return as_markdown(content, max_bytes=max_bytes)

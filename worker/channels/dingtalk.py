@@ -69,11 +69,10 @@ from pydantic import Field, field_validator, model_validator
 from ..content import (
     Alert,
     Digest,
-    as_markdown,
-    as_text,
-    digest_as_markdown,
-    digest_as_text,
     fit,
+    is_critical,
+    markdown_of,
+    text_of,
     truncated_marker,
 )
 from ..errors import (
@@ -241,12 +240,6 @@ def classify_errcode(code: int, errmsg: str, *, signed: bool) -> SendError | Non
     return PermanentError(f"DingTalk {what}: {errmsg}", code=code)
 
 
-def _critical(content: Alert | Digest) -> bool:
-    if isinstance(content, Alert):
-        return content.severity == "critical"
-    return any(row.severity == "critical" for row in content.rows)
-
-
 def _body_size(payload: dict[str, Any]) -> int:
     """Bytes on the wire: httpx encodes JSON as UTF-8 with these separators."""
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -288,7 +281,7 @@ class DingTalkChannel(HttpChannel):
         url = self.settings.url
         if url is None:  # (the settings refuse it; a probe says the same)
             raise ConfigurationError(f"channel {self.name}: no url", hint=f"url: {_WEBHOOK}")
-        mention = _critical(content)
+        mention = is_critical(content)
         mobiles = list(self.settings.mention_mobiles) if mention else []
         at_all = mention and self.settings.mention_all
         payload = self._payload(self._with_keyword(content), mobiles=mobiles, at_all=at_all)
@@ -309,10 +302,8 @@ class DingTalkChannel(HttpChannel):
         return replace(content, subject=f"[{keywords[0]}] {content.subject}")
 
     def _render(self, content: Alert | Digest, max_bytes: int) -> str:
-        markdown = self.settings.format == "markdown"
-        if isinstance(content, Alert):
-            return (as_markdown if markdown else as_text)(content, max_bytes=max_bytes)
-        return (digest_as_markdown if markdown else digest_as_text)(content, max_bytes=max_bytes)
+        render = markdown_of if self.settings.format == "markdown" else text_of
+        return render(content, max_bytes=max_bytes)
 
     def _payload(
         self, content: Alert | Digest, *, mobiles: Sequence[str], at_all: bool

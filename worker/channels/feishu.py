@@ -74,11 +74,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from ..content import (
     Alert,
     Digest,
-    as_markdown,
-    as_text,
-    digest_as_markdown,
-    digest_as_text,
     escape_markdown,
+    is_critical,
+    markdown_of,
+    text_of,
 )
 from ..errors import (
     ConfigurationError,
@@ -254,12 +253,6 @@ def _defused(content: Alert | Digest) -> Alert | Digest:
     )
 
 
-def _critical(content: Alert | Digest) -> bool:
-    if isinstance(content, Digest):
-        return any(row.severity == "critical" for row in content.rows)
-    return content.severity == "critical"
-
-
 def _template(content: Alert | Digest) -> str:
     """The header colour: the alert's severity, or a digest's worst."""
     if isinstance(content, Alert):
@@ -271,18 +264,9 @@ def _template(content: Alert | Digest) -> str:
 
 def _markdown(content: Alert | Digest, max_bytes: int | None) -> str:
     """The content's markdown without its first block (the subject, shown in the header)."""
-    if isinstance(content, Digest):
-        md = digest_as_markdown(content, max_bytes=max_bytes)
-    else:
-        md = as_markdown(content, max_bytes=max_bytes)
+    md = markdown_of(content, max_bytes=max_bytes)
     bold = f"**{escape_markdown(content.subject.strip(), line_start=False)}**\n\n"
     return md.removeprefix(bold)
-
-
-def _text(content: Alert | Digest, max_bytes: int | None) -> str:
-    if isinstance(content, Digest):
-        return digest_as_text(content, max_bytes=max_bytes)
-    return as_text(content, max_bytes=max_bytes)
 
 
 # ------------------------------------------------------------------------------- channel
@@ -340,7 +324,7 @@ class FeishuChannel(HttpChannel):
         return subject
 
     def _mentions(self, content: Alert | Digest) -> list[str]:
-        if not _critical(content):
+        if not is_critical(content):
             return []
         return (["all"] if self.settings.mention_all else []) + self.settings.mention_ids
 
@@ -362,7 +346,7 @@ class FeishuChannel(HttpChannel):
                 "elements": [{"tag": "markdown", "content": md}],
             }
             return {"msg_type": "interactive", "card": card}
-        text = _text(content, max_bytes)
+        text = text_of(content, max_bytes=max_bytes)
         if self.settings.msg_type == "post":
             rest = text.removeprefix(content.subject + "\n")
             paragraphs: list[list[dict[str, str]]] = [

@@ -58,7 +58,12 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from ..content import Alert, Digest, as_text, digest_as_text
+from ..content import (
+    Alert,
+    Digest,
+    is_critical,
+    text_of,
+)
 from ..errors import (
     ConfigurationError,
     PermanentError,
@@ -141,9 +146,7 @@ def _plain(content: Alert | Digest, max_units: int) -> str:
     three times it: found by bisection (only for a text that does not fit as it is)."""
 
     def render(max_bytes: int | None) -> str:
-        if isinstance(content, Digest):
-            return digest_as_text(content, max_bytes=max_bytes)
-        return as_text(content, max_bytes=max_bytes)
+        return text_of(content, max_bytes=max_bytes)
 
     whole = render(None)
     if utf16_units(whole) <= max_units:
@@ -315,10 +318,7 @@ class TelegramChannel(HttpChannel):
     def request(self, content: Alert | Digest, recipients: Sequence[str]) -> HttpRequest:
         """sendMessage to the channel's chat (the event's e-mail recipients do not apply)."""
         s = self.settings
-        if isinstance(content, Digest):
-            critical = any(row.severity == "critical" for row in content.rows)
-        else:
-            critical = content.severity == "critical"
+        critical = is_critical(content)
         payload: dict[str, Any] = {
             "chat_id": self._chat,
             "text": render_html(content, max_units=self.max_units),

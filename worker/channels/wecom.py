@@ -52,7 +52,14 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from pydantic import Field, field_validator, model_validator
 
-from ..content import Alert, Digest, as_markdown, as_text, digest_as_markdown, digest_as_text, fit
+from ..content import (
+    Alert,
+    Digest,
+    fit,
+    is_critical,
+    markdown_of,
+    text_of,
+)
 from ..errors import (
     ConfigurationError,
     PermanentError,
@@ -198,24 +205,6 @@ def _within(render: Callable[[int], str], limit: int) -> str:
     return fit(out, limit)  # (not reached for any real alert)
 
 
-def _critical(content: Alert | Digest) -> bool:
-    if isinstance(content, Digest):
-        return any(row.severity == "critical" for row in content.rows)
-    return content.severity == "critical"
-
-
-def _markdown(content: Alert | Digest, max_bytes: int) -> str:
-    if isinstance(content, Digest):
-        return digest_as_markdown(content, max_bytes=max_bytes)
-    return as_markdown(content, max_bytes=max_bytes)
-
-
-def _text(content: Alert | Digest, max_bytes: int) -> str:
-    if isinstance(content, Digest):
-        return digest_as_text(content, max_bytes=max_bytes)
-    return as_text(content, max_bytes=max_bytes)
-
-
 # ------------------------------------------------------------------------------- channel
 class WeComChannel(HttpChannel):
     """One WeCom group robot."""
@@ -250,13 +239,15 @@ class WeComChannel(HttpChannel):
                 f"channel {self.name}: no webhook address",
                 hint=f"give url, url_file or the systemd credential wecom_{self.name}_url",
             )
-        critical = _critical(content)
+        critical = is_critical(content)
         users = s.mention_users if critical else []
         mobiles = s.mention_mobiles if critical else []
         payload: dict[str, Any]
         if s.msgtype == "text" or mobiles or _ALL in users:
             text: dict[str, Any] = {
-                "content": _within(lambda budget: _text(content, budget), TEXT_MAX_BYTES)
+                "content": _within(
+                    lambda budget: text_of(content, max_bytes=budget), TEXT_MAX_BYTES
+                )
             }
             if users:
                 text["mentioned_list"] = list(users)
@@ -267,7 +258,7 @@ class WeComChannel(HttpChannel):
             tags = "".join(f"<@{user}>" for user in users)
             tail = f"\n\n{tags}" if tags else ""
             room = MARKDOWN_MAX_BYTES - _size(tail)
-            body = _within(lambda budget: _markdown(content, budget), room)
+            body = _within(lambda budget: markdown_of(content, max_bytes=budget), room)
             payload = {"msgtype": "markdown", "markdown": {"content": body + tail}}
         return HttpRequest(s.url.get_secret_value(), json=payload)
 
