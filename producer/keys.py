@@ -21,6 +21,10 @@ key                         type         holds
 ``<p>:held:<group>``        list         events held for one digest mail (rate limit reached)
 ``<p>:digests``             sorted set   digest groups, scored by when they may be sent
 ``<p>:suppress:<key>``      hash         repeat-suppression window of one ``dedup_key``
+``<p>:seen``                sorted set   strategies' last sign of life (unix time): a heartbeat
+                                         (``ZADD <p>:seen GT <time> <strategy>``) or an event
+``<p>:last``                hash         strategy -> JSON {subject, ts} of its last event
+``<p>:watch``               hash         strategy -> JSON state of its watch (silence episodes)
 ==========================  ===========  ======================================================
 """
 
@@ -71,6 +75,18 @@ class Keys:
     @property
     def digests(self) -> str:
         return self._k("digests")
+
+    @property
+    def seen(self) -> str:
+        return self._k("seen")
+
+    @property
+    def last(self) -> str:
+        return self._k("last")
+
+    @property
+    def watch(self) -> str:
+        return self._k("watch")
 
     def rate(self, account: str) -> str:
         return self._k("rate", account)
