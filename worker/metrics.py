@@ -133,6 +133,19 @@ class Metrics:
         self.paused = Gauge(
             "notifier_smtp_paused", "1 while paused on an SMTP configuration error", registry=r
         )
+        # liveness of watched strategies (NOTIFIER_WATCH_FILE); labels: watched strategies only
+        self.strategy_last_seen = Gauge(
+            "notifier_strategy_last_seen_timestamp_seconds",
+            "Unix time of a watched strategy's last sign of life (heartbeat or event)",
+            ["strategy"],
+            registry=r,
+        )
+        self.strategy_silent = Gauge(
+            "notifier_strategy_silent",
+            "1 while a watched strategy is in a silence episode ([SILENT] sent, not recovered)",
+            ["strategy"],
+            registry=r,
+        )
         Gauge("notifier_latency_target_seconds", "LATENCY_TARGET_S", registry=r).set(
             latency_target_s
         )
