@@ -167,6 +167,20 @@ def _parser() -> argparse.ArgumentParser:
     dp = command(dsub, "purge", "delete every dead letter")
     dp.add_argument("--yes", action="store_true", help="do not ask")
 
+    wt = command(
+        sub,
+        "watch",
+        "watched strategies: last seen, session, ok / silent / off-session (exit 3 if silent)",
+    )
+    wt.add_argument("--json", action="store_true", help="one JSON object per strategy")
+    wt.add_argument(
+        "--forget",
+        nargs="+",
+        metavar="STRATEGY",
+        help="drop retired strategies from the liveness records (they are no longer watched "
+        "by a pattern; a rule that names one exactly watches it again)",
+    )
+
     demo = command(sub, "demo", "the whole pipeline on a throwaway Redis and SMTP sink")
     demo.add_argument("--events", type=int, default=20)
 
@@ -420,6 +434,8 @@ async def _check(args: argparse.Namespace) -> int:
             goes = r.default.to or [f"MAIL_TO ({','.join(s.mail_to)})"]
             default = f", default to {','.join([*goes, *(r.default.channels or [])])}"
         print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}{default}")
+    if s.watch is not None:
+        _check_watch(s)
     accounts = s.accounts()
     for i, acc in enumerate(accounts):
         label = f"smtp {acc.smtp_account_name}" if len(accounts) > 1 else "smtp"
@@ -447,6 +463,27 @@ async def _check(args: argparse.Namespace) -> int:
     if not await _check_channels(s):
         ok = False
     return 0 if ok else 1
+
+
+def _check_watch(s: Settings) -> None:
+    """The watch rules, their sessions and calendars; a warning per calendar whose known
+    holidays run out within 30 days."""
+    import datetime as dt
+
+    w = s.watch
+    assert w is not None
+    names = list(dict.fromkeys(n for r in w.rules for n in r.sessions))
+    cals = w.sessions.calendars_in_use(names)
+    known = ", ".join(
+        f"{c.name} to {c.known_until.isoformat()}" if c.known_until else f"{c.name} rule-based"
+        for c in cals.values()
+    )
+    print(
+        f"watch      ok: {len(w.rules)} rule(s) from {s.watch_file}, sessions "
+        f"{', '.join(names)}" + (f"; holidays known: {known}" if known else "")
+    )
+    for line in w.sessions.calendar_warnings(names, dt.date.today()):
+        print(f"watch      WARNING: {line}")
 
 
 def _channel_summary(channel: HttpChannel) -> str:
@@ -916,6 +953,81 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return asyncio.run(_stats(args))
 
 
+# ------------------------------------------------------------------------ watch
+async def _watch(args: argparse.Namespace) -> int:
+    from .watch import Watcher
+
+    loaded = _load(args)
+    s = loaded.settings
+    _warn("watch", loaded.unknown)
+    if s.watch is None and not args.forget:
+        raise CommandError(
+            "NOTIFIER_WATCH_FILE: not set, so no strategy is watched; give a TOML file with "
+            "[[watch]] rules (README: Know when a strategy goes quiet)",
+            2,
+        )
+    q = _queue(s)
+    try:
+        if args.forget:
+            n = await q.forget(args.forget)
+            print(f"forgot {n} of {len(args.forget)} strateg{'y' if n == 1 else 'ies'}")
+            return 0
+        seen, states = await q.watch_snapshot()
+    except (RedisError, OSError) as exc:
+        raise _redis_error(s, exc) from None
+    finally:
+        await q.redis.aclose()
+    rows = Watcher(q, s.watch, locale=s.locale).view(seen, states)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict(), ensure_ascii=False))
+    else:
+        _print_watch(rows)
+    return 3 if any(r.state == "silent" for r in rows) else 0
+
+
+def _print_watch(rows: Sequence[Any]) -> None:
+    if not rows:
+        print("no watched strategy yet (none heard, none named exactly by a rule)")
+        return
+    now = time.time()
+
+    def ago(t: float | None) -> str:
+        if t is None:
+            return "never"
+        stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(t))
+        return f"{stamp} ({_age(now - t)} ago)" if t <= now else stamp
+
+    table = [("STRATEGY", "RULE", "SESSION", "LAST SEEN", "STATE", "SINCE")]
+    for r in rows:
+        since = (
+            ago(r.since)
+            if r.state != "off-session"
+            else (
+                "opens " + time.strftime("%a %m-%d %H:%M", time.localtime(r.since))
+                if r.since is not None
+                else "-"
+            )
+        )
+        table.append(
+            (
+                r.strategy,
+                r.rule,
+                "open" if r.session_open else "closed",
+                ago(r.last_seen),
+                r.state,
+                since,
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return asyncio.run(_watch(args))
+
+
 # ------------------------------------------------------------------------ dead letters
 def handle_of(raw: bytes) -> str:
     """A dead letter's handle: 8 hex digits of its SHA-256, so `dead replay --id` can name
@@ -1058,6 +1170,7 @@ COMMANDS = {
     "dead": cmd_dead,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "watch": cmd_watch,
 }
 
 

@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 SEVERITY_LABEL = {"info": "INFO", "warning": "WARNING", "critical": "CRITICAL"}
+# The watch's alerts (worker.watch) lead with their own tag, [SILENT] / [RECOVERED] (zh
+# [失联] / [恢复]): it stays first, whatever their severity.
+SELF_TAGGED_KINDS = frozenset({"silent", "recovered"})
 TRUNCATED = "…(truncated)"
 _TRUNCATED = {"en": TRUNCATED, "zh": "…（已截断）"}
 _SPACES = re.compile(r"\s+")
@@ -158,7 +161,7 @@ def format_value(value: Any) -> str:
 def render_subject(event: Event) -> str:
     """The subject line: the event's own exactly as sent (the contract already refuses
     control characters), or one rendered from it (at most the contract's 256 characters);
-    ``[CRITICAL]`` prefixed."""
+    ``[CRITICAL]`` prefixed (but for the watch's alerts, see :data:`SELF_TAGGED_KINDS`)."""
     if event.subject and not event.subject.isspace():
         subject = event.subject
     else:
@@ -181,7 +184,11 @@ def render_subject(event: Event) -> str:
         if event.strategy:
             subject += f" · {event.strategy}"
         subject = _line(subject)[:MAX_SUBJECT_CHARS]
-    if event.severity == "critical" and not subject.upper().startswith("[CRITICAL]"):
+    if (
+        event.severity == "critical"
+        and event.kind not in SELF_TAGGED_KINDS
+        and not subject.upper().startswith("[CRITICAL]")
+    ):
         subject = f"[CRITICAL] {subject}"
     return subject
 

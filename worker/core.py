@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .queue import Guard, Queue, connect
 from .settings import Settings, SettingsError
 from .settle import Outcome, Settler
+from .watch import Watcher
 
 __all__ = ["Clock", "Core", "SystemClock", "build_core"]
 
@@ -55,6 +56,7 @@ class Core:
     metrics: Metrics
     settler: Settler
     deliverer: Deliverer
+    watcher: Watcher  # signs of life; silence alerts with NOTIFIER_WATCH_FILE
 
 
 def build_core(
@@ -117,7 +119,15 @@ def build_core(
             settings.routes.check_channels((c.name for c in others), settings.routes_file)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+    if settings.watch is not None:
+        try:
+            settings.watch.check_channels(c.name for c in others)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     metrics = Metrics(settings.latency_target_s)
+    watcher = Watcher(
+        queue, settings.watch, metrics=metrics, locale=settings.locale, clock=clock.time
+    )
     settler = Settler(
         queue,
         metrics,
@@ -138,6 +148,7 @@ def build_core(
         default_fallback=[c.name for c in extra_channels],
         clock=clock.time,
         monotonic=clock.monotonic,
+        on_seen=watcher.saw,
     )
     return Core(
         settings=settings,
@@ -150,4 +161,5 @@ def build_core(
         metrics=metrics,
         settler=settler,
         deliverer=deliverer,
+        watcher=watcher,
     )

@@ -122,8 +122,11 @@ class Deliverer:
         default_fallback: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_seen: Callable[[str, str, float, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # (event id, strategy, produced at, subject): a strategy's event is a sign of life
+        self.on_seen = on_seen
         self.queue = queue
         self.channels = channels  # the e-mail accounts, in failover order
         self.others = list(others)  # the other channels (NOTIFIER_CHANNELS_FILE)
@@ -250,6 +253,8 @@ class Deliverer:
         meta = event.meta
         h.first_seen = float(meta.first_seen) if meta and meta.first_seen else h.fetched_at
         h.produced = event.ts if event.ts is not None else h.first_seen
+        if self.on_seen is not None and event.strategy:
+            self.on_seen(event_id, event.strategy, h.produced, event.subject or event.kind)
         route = self.routes.resolve(event) if self.routes is not None else None
         if event.to is not None:
             outside = [a for a in event.to if a not in self.allowed]

@@ -16,6 +16,7 @@ declared with ``#!lua``, so that a full Redis refuses it whole):
 * :meth:`Queue.schedule`  due retry entries -> front of queue (safe with many workers)
 * :meth:`Queue.recover`   processing lists of workers whose heartbeat expired -> queue
 * :meth:`Queue.reconcile` what a lost fetch reply left in processing -> queue
+* :meth:`Queue.watch_step` one strategy's silence state changes and its alert is queued
 
 Settling (ack and the rest) acts only while the event is still in this worker's processing
 list, so a worker that was taken for dead (and whose events were recovered), or a call
@@ -221,6 +222,26 @@ redis.call('LPUSH', KEYS[4], ARGV[3])
 redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
 redis.call('HINCRBY', KEYS[5], 'held', moved)
 return moved
+"""
+
+
+# Change one strategy's watch state if it is still what the evaluator read, and queue the
+# alerts of that change with it (one step: when several workers evaluate at once, one wins
+# and one alert goes out; a worker killed before this call changed nothing). KEYS: watch,
+# queue. ARGV[1] = strategy, ARGV[2] = the state read ('' = none), ARGV[3] = the new state
+# ('' = forget it), ARGV[4..] = alert events, to the oldest end of the queue (sent next).
+WATCH_STEP = """#!lua
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (cur or '') ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+for i = 4, #ARGV do
+  redis.call('RPUSH', KEYS[2], ARGV[i])
+end
+return 1
 """
 
 
@@ -477,6 +498,7 @@ class Queue:
         self._suppress = redis.register_script(SUPPRESS)
         self._hold = redis.register_script(HOLD)
         self._take_digest = redis.register_script(TAKE_DIGEST)
+        self._watch_step = redis.register_script(WATCH_STEP)
 
     # ------------------------------------------------------------------ worker liveness
     @_guarded("connect")
@@ -881,6 +903,73 @@ class Queue:
             return {}
         values = await self.redis.mget([self.keys.heartbeat(w) for w in ids])
         return {w: (json.loads(v) if v else None) for w, v in zip(ids, values, strict=True)}
+
+    # ------------------------------------------------------------------ liveness (watch)
+    @_guarded("seen")
+    async def record_seen(self, marks: dict[str, tuple[float, str | None]]) -> None:
+        """Signs of life: {strategy: (unix time, subject of its event or None)}. A time
+        never goes back (ZADD GT), so a late retry of an old event changes nothing."""
+        if not marks:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.seen, {s: t for s, (t, _) in marks.items()}, gt=True)
+        last = {
+            s: json.dumps({"subject": subj, "ts": t}, ensure_ascii=False)
+            for s, (t, subj) in marks.items()
+            if subj is not None
+        }
+        if last:
+            pipe.hset(self.keys.last, mapping=cast(Any, last))
+        await pipe.execute()
+
+    @_guarded("watch")
+    async def watch_snapshot(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Every strategy's last sign of life and every watch state (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.seen, 0, -1, withscores=True)
+        pipe.hgetall(self.keys.watch)
+        seen, states = await pipe.execute()
+        return (
+            {_s(m): float(t) for m, t in seen},
+            {_s(k): _s(v) for k, v in states.items()},
+        )
+
+    async def last_events(self, strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The last event (subject, ts) of each strategy that sent one."""
+        if not strategies:
+            return {}
+        values = await self.redis.hmget(self.keys.last, list(strategies))
+        out: dict[str, dict[str, Any]] = {}
+        for name, value in zip(strategies, values, strict=True):
+            if value:
+                try:
+                    out[name] = dict(json.loads(value))
+                except (ValueError, TypeError):
+                    continue
+        return out
+
+    @_guarded("watch")
+    async def watch_step(
+        self, strategy: str, expected: str, new: str, alerts: Sequence[str] = ()
+    ) -> bool:
+        """Set ``strategy``'s watch state to ``new`` (and queue ``alerts``) if it is still
+        ``expected``; False when another worker changed it first."""
+        res = await self._watch_step(
+            keys=[self.keys.watch, self.keys.queue], args=[strategy, expected, new, *alerts]
+        )
+        return int(cast(int, res)) == 1
+
+    async def forget(self, strategies: Sequence[str]) -> int:
+        """Drop strategies from the liveness records (a retired strategy); how many were
+        known."""
+        if not strategies:
+            return 0
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self.keys.seen, *strategies)
+        pipe.hdel(self.keys.watch, *strategies)
+        pipe.hdel(self.keys.last, *strategies)
+        res = await pipe.execute()
+        return max(int(res[0]), int(res[1]))
 
     # ------------------------------------------------------------------ dead letters
     async def dead_letters(self, limit: int = 100) -> list[tuple[bytes, dict[str, Any]]]:

@@ -6,6 +6,7 @@ Tasks of one worker process::
     lane x N   one event or digest at a time (worker.deliver) on the lane's warm connection
     scheduler  due retries -> front of the queue; due digests -> a lane
     keeper     heartbeat, recovery of dead workers' events, gauges, idle connections
+    watch      strategies' signs of life; silence alerts (NOTIFIER_WATCH_FILE), every 1 s
     watchdog   systemd STATUS= and WATCHDOG=1 while the loops above make progress
 
 Stop (SIGTERM/SIGINT, or :meth:`Worker.stop`): stop fetching, let in-flight sends finish
@@ -227,6 +228,7 @@ class Worker:
             asyncio.create_task(self._keeper_loop(), name="keeper"),
             self._heartbeat_task,
             asyncio.create_task(self.systemd.run_watchdog(self.monitor, status=self._status)),
+            asyncio.create_task(self._watch_loop(), name="watch"),
         ]
         fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
         stop_wait: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
@@ -451,6 +453,12 @@ class Worker:
                 continue
             self._held.update(taken[1])
             self._work.put_nowait(_DigestJob(*taken, epoch=self._epoch))
+
+    async def _watch_loop(self) -> None:
+        """Signs of life of the strategies whose events pass here; with a watch file, the
+        silence of watched ones (:mod:`worker.watch`)."""
+        running_as("watch")
+        await self.core.watcher.run(self._stop)
 
     async def _heartbeat_loop(self) -> None:
         """Renew the heartbeat every quarter TTL, on its own so that nothing else (a keeper

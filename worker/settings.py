@@ -48,6 +48,8 @@ from .smtp_fast import default_helo_name, helo_name_problem
 if TYPE_CHECKING:
     from .channels.http import HttpChannelSettings
     from .routing import Routes
+    from .sessions import SessionBook
+    from .watch import WatchConfig
 
 __all__ = [
     "PROVIDERS",
@@ -327,6 +329,8 @@ class Settings(SmtpFields, BaseSettings):
     allowed_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
     template_dir: Path | None = None
     routes_file: Path | None = None
+    # Liveness: which strategies to watch, and the sessions when silence matters (TOML).
+    watch_file: Path | None = None
     locale: Literal["en", "zh"] = "en"
     late_after_s: Annotated[float, Field(gt=0)] = 60.0
     dedup_window_s: Annotated[float, Field(gt=0)] = 300.0
@@ -434,6 +438,10 @@ class Settings(SmtpFields, BaseSettings):
                     f"{self.metrics_port_offset} is above 65535: lower one of them"
                 )
             self.metrics_port, self.metrics_port_offset = port, 0
+        if self.watch_file is not None:
+            from .watch import load_watch
+
+            self._watch = load_watch(self.watch_file, self.allowed)
         if self.routes_file is not None:
             from .routing import load_routes
 
@@ -447,12 +455,28 @@ class Settings(SmtpFields, BaseSettings):
         return self
 
     _routes: Routes | None = PrivateAttr(default=None)
+    _watch: WatchConfig | None = PrivateAttr(default=None)
     _failover: list[SmtpAccount] = PrivateAttr(default_factory=list)
     _channels: list[HttpChannelSettings] = PrivateAttr(default_factory=list)
 
     def channels(self) -> list[HttpChannelSettings]:
         """The channels of NOTIFIER_CHANNELS_FILE (validated), in the file's order."""
         return list(self._channels)
+
+    @property
+    def watch(self) -> WatchConfig | None:
+        """The validated watch rules, or None without WATCH_FILE."""
+        return self._watch
+
+    @property
+    def sessions(self) -> SessionBook:
+        """The sessions routes and watch rules may name: the built-in ones and the watch
+        file's ``[[session]]`` tables."""
+        if self._watch is not None:
+            return self._watch.sessions
+        from .sessions import SessionBook
+
+        return SessionBook.builtin()
 
     @property
     def routes(self) -> Routes | None:
