@@ -4,6 +4,9 @@
     notifier = Notifier("redis://127.0.0.1:6379/0")  # else NOTIFIER_REDIS_URL, else env_file
     notifier.send("止损触发 600519", strategy="ma_cross", data={"price": 1700.5})
     notifier.signal(strategy="ma_cross", symbol="600519.SH", side="BUY", price=1700.5, qty=100)
+    notifier.heartbeat("ma_cross")                    # a sign of life: ZADD <prefix>:seen GT
+    with notifier.keepalive("ma_cross", every_s=30):  # one every 30 s (producer.keepalive)
+        run_strategy()
 
 Connect and command timeouts default to 0.5 s and redis-py's own retries are off, so a dead
 Redis costs a strategy at most about a second (or ``retry_s``, when asked to keep trying).
@@ -18,21 +21,25 @@ Exceptions::
     └── NotifierTimeout (also TimeoutError)  may have been queued (no answer in time, or the
                                          connection broke after the command went out) .queued None
 
-Every ``NotifierUnavailable`` carries ``event`` and ``event_id``. Sending the same event again
-(``notifier.send_event(exc.event)``) is safe: the worker sends one mail per id (its
-``sending:<id>`` claim and ``sent:<id>`` mark turn a second copy into a no-op).
+Every ``NotifierUnavailable`` of a send carries ``event`` and ``event_id``. Sending the same
+event again (``notifier.send_event(exc.event)``) is safe: the worker sends one mail per id (its
+``sending:<id>`` claim and ``sent:<id>`` mark turn a second copy into a no-op). A heartbeat's
+error has no event (``event`` and ``event_id`` are None; its message names the strategy) and
+"queued" reads "recorded"; a heartbeat again is always safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import difflib
 import hashlib
 import os
 import time
 import traceback
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import redis
 import redis.asyncio as aredis
@@ -46,14 +53,18 @@ from .event import (
     Event,
     InvalidEvent,
     Severity,
+    check_strategy,
     event_from_dict,
     new_event_id,
 )
+from .keepalive import AsyncKeepAlive, KeepAlive, running_loop
 from .keys import Keys
 from .redis_errors import command_not_run, explain_redis_error
 
 __all__ = [
+    "AsyncKeepAlive",
     "AsyncNotifier",
+    "KeepAlive",
     "Notifier",
     "NotifierRefused",
     "NotifierTimeout",
@@ -213,13 +224,42 @@ def _wire(event: Event) -> tuple[Event, str, str]:
 
 
 # ------------------------------------------------------------------------------- sending
-class _Attempts:
-    """The attempts of one send after the first failed: pauses, the ``retry_s`` budget, and
-    the exception to raise. Another attempt starts only if, lasting as long as the longest
-    so far, it still ends within the budget: a send gives up early rather than late."""
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """One command of the producer, as its errors name it."""
 
-    def __init__(self, *, event: Event, started: float, budget: float, url: str | None) -> None:
-        self.event = event
+    not_done: str  # "event <id> was not queued"
+    maybe_done: str  # "event <id> may or may not have been queued"
+    again: str  # after a timeout: why doing it again is safe
+    event: Event | None = None
+
+
+def _queueing(event: Event) -> _Command:
+    return _Command(
+        not_done=f"event {event.id} was not queued",
+        maybe_done=f"event {event.id} may or may not have been queued",
+        again="sending it again with the same id is safe (send_event(exc.event))",
+        event=event,
+    )
+
+
+def _beating(strategy: str) -> _Command:
+    return _Command(
+        not_done=f"heartbeat of {strategy!r} was not recorded",
+        maybe_done=f"heartbeat of {strategy!r} may or may not have been recorded",
+        again="a heartbeat again is safe (an older time never replaces a newer one)",
+    )
+
+
+class _Attempts:
+    """The attempts of one command after the first failed: pauses, the ``retry_s`` budget,
+    and the exception to raise. Another attempt starts only if, lasting as long as the
+    longest so far, it still ends within the budget: a call gives up early rather than late."""
+
+    def __init__(
+        self, *, command: _Command, started: float, budget: float, url: str | None
+    ) -> None:
+        self.command = command
         self.started = started
         self.deadline = started + budget
         self.url = url
@@ -241,13 +281,12 @@ class _Attempts:
     def error(self) -> NotifierUnavailable:
         assert self.last is not None
         why = explain_redis_error(self.last, self.url)
+        command = self.command
         if self.maybe_queued:
             return NotifierTimeout(
-                f"event {self.event.id} may or may not have been queued: {why}; sending it "
-                "again with the same id is safe (send_event(exc.event))",
-                event=self.event,
+                f"{command.maybe_done}: {why}; {command.again}", event=command.event
             )
-        return NotifierRefused(f"event {self.event.id} was not queued: {why}", event=self.event)
+        return NotifierRefused(f"{command.not_done}: {why}", event=command.event)
 
 
 def _options(timeout: float) -> dict[str, Any]:
@@ -296,9 +335,31 @@ class _Producer(Generic[ClientT]):
     def _connect(self, url: str) -> ClientT:
         raise NotImplementedError
 
-    def _attempts(self, event: Event, started: float, retry_s: float | None) -> _Attempts:
-        budget = self.retry_s if retry_s is None else retry_s
-        return _Attempts(event=event, started=started, budget=budget, url=self._url)
+    def _attempts(self, command: _Command, started: float, budget: float) -> _Attempts:
+        return _Attempts(command=command, started=started, budget=budget, url=self._url)
+
+    def _budget(self, retry_s: float | None) -> float:
+        """How long a call may keep trying: its ``retry_s``, else the client's."""
+        return self.retry_s if retry_s is None else _seconds("retry_s", retry_s, positive=False)
+
+    def _heartbeat(self, strategy: str) -> tuple[_Command, str, dict[str, float]]:
+        """What a heartbeat of ``strategy`` says and writes: its sorted set and the member
+        with the time now (``ZADD ... GT``, so a late retry never moves it back)."""
+        strategy = check_strategy(strategy)
+        return _beating(strategy), self.keys.seen, {strategy: time.time()}
+
+    def _keepalive_twin(self, strategy: str, every_s: float) -> tuple[str, float, Self]:
+        """The checked arguments of a keep-alive and the producer it beats with: the same
+        settings on a Redis client of its own, so that a frozen Redis never holds a
+        connection that the strategy's own sends need. A client given as ``client=`` is
+        shared (there is no URL to open another)."""
+        strategy = check_strategy(strategy)
+        every_s = _seconds("every_s", every_s, positive=True)
+        if self._url is None:
+            return strategy, every_s, self
+        twin = copy.copy(self)
+        twin._redis = self._connect(self._url)
+        return strategy, every_s, twin
 
 
 class Notifier(_Producer[redis.Redis]):
@@ -345,17 +406,44 @@ class Notifier(_Producer[redis.Redis]):
         return self.send_event(event, retry_s=retry_s)
 
     def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
-        if retry_s is not None:
-            retry_s = _seconds("retry_s", retry_s, positive=False)
+        budget = self._budget(retry_s)
         event, event_id, text = _wire(event)
+        self._run(_queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget)
+        return event_id
+
+    def heartbeat(self, strategy: str, *, retry_s: float | None = None) -> None:
+        """Record that ``strategy`` is alive now: one ``ZADD <prefix>:seen GT <now>
+        <strategy>``. Same timeouts, ``retry_s`` and errors as :meth:`send`; InvalidEvent
+        if ``strategy`` is not a name (empty, several lines, over 128 characters)."""
+        budget = self._budget(retry_s)
+        command, key, member = self._heartbeat(strategy)
+        self._run(command, lambda: self._redis.zadd(key, member, gt=True), budget)
+
+    def keepalive(self, strategy: str, every_s: float = 30.0) -> KeepAlive:
+        """Start a heartbeat of ``strategy`` at once and every ``every_s`` seconds on a
+        daemon thread; ``stop()`` the handle or use it as a context manager. It never raises
+        into the strategy and never delays its calls (see :mod:`producer.keepalive`)."""
+        strategy, every_s, twin = self._keepalive_twin(strategy, every_s)
+        return KeepAlive(
+            strategy,
+            every_s=every_s,
+            beat=lambda: twin.heartbeat(strategy, retry_s=0),
+            close=twin.close if twin is not self else None,
+            url=self._url,
+            stop_wait_s=self.timeout + 0.1,
+        )
+
+    def _run(self, command: _Command, call: Callable[[], object], budget: float) -> None:
+        """``call()``, tried again while ``budget`` seconds last; NotifierUnavailable if no
+        attempt worked."""
         attempts: _Attempts | None = None
         attempt_started = time.monotonic()
         while True:
             try:
-                self._redis.lpush(self.keys.queue, text)
-                return event_id
+                call()
+                return
             except (RedisError, OSError) as exc:
-                attempts = attempts or self._attempts(event, attempt_started, retry_s)
+                attempts = attempts or self._attempts(command, attempt_started, budget)
                 pause = attempts.failed(exc, attempt_started)
             if pause is None:
                 raise attempts.error() from attempts.last
@@ -458,17 +546,47 @@ class AsyncNotifier(_Producer[aredis.Redis]):
         return await self.send_event(event, retry_s=retry_s)
 
     async def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
-        if retry_s is not None:
-            retry_s = _seconds("retry_s", retry_s, positive=False)
+        budget = self._budget(retry_s)
         event, event_id, text = _wire(event)
+        await self._run(_queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget)
+        return event_id
+
+    async def heartbeat(self, strategy: str, *, retry_s: float | None = None) -> None:
+        """Record that ``strategy`` is alive now (see :meth:`Notifier.heartbeat`)."""
+        budget = self._budget(retry_s)
+        command, key, member = self._heartbeat(strategy)
+        await self._run(command, lambda: self._redis.zadd(key, member, gt=True), budget)
+
+    def keepalive(self, strategy: str, every_s: float = 30.0) -> AsyncKeepAlive:
+        """Start a heartbeat of ``strategy`` at once and every ``every_s`` seconds in a task
+        on the running event loop; ``stop()`` the handle, or use it in ``async with`` (which
+        also waits for the task to end) or ``with``. Call it from a coroutine."""
+        running_loop()  # before a client is made for it
+        strategy, every_s, twin = self._keepalive_twin(strategy, every_s)
+
+        async def beat() -> None:
+            await twin.heartbeat(strategy, retry_s=0)
+
+        return AsyncKeepAlive(
+            strategy,
+            every_s=every_s,
+            beat=beat,
+            close=twin.aclose if twin is not self else None,
+            url=self._url,
+        )
+
+    async def _run(
+        self, command: _Command, call: Callable[[], Awaitable[object]], budget: float
+    ) -> None:
+        """``await call()``, tried again while ``budget`` seconds last (see Notifier._run)."""
         attempts: _Attempts | None = None
         attempt_started = time.monotonic()
         while True:
             try:
-                await self._redis.lpush(self.keys.queue, text)
-                return event_id
+                await call()
+                return
             except (RedisError, OSError) as exc:
-                attempts = attempts or self._attempts(event, attempt_started, retry_s)
+                attempts = attempts or self._attempts(command, attempt_started, budget)
                 pause = attempts.failed(exc, attempt_started)
             if pause is None:
                 raise attempts.error() from attempts.last

@@ -45,6 +45,7 @@ __all__ = [
     "Meta",
     "Severity",
     "check_addresses",
+    "check_strategy",
     "new_event_id",
     "parse_event",
     "valid_address",
@@ -55,6 +56,7 @@ MAX_EVENT_BYTES = 64 * 1024
 MAX_SUBJECT_CHARS = 256
 MAX_RECIPIENTS = 50
 MAX_ID_CHARS = 128
+MAX_STRATEGY_CHARS = 128
 MAX_DATA_FIELDS = 100
 MAX_WINDOW_S = 7 * 24 * 3600.0
 
@@ -107,6 +109,27 @@ def _single_line(value: str, what: str) -> str:
     return value
 
 
+def check_strategy(strategy: object) -> str:
+    """A strategy name as a heartbeat gives it (the key of its sign of life): a non-empty
+    single line of at most 128 characters, like an event's ``strategy``. InvalidEvent, with
+    one line saying what to give, otherwise."""
+    shown = repr(strategy) if len(repr(strategy)) <= 40 else repr(strategy)[:39] + "…"
+    if not isinstance(strategy, str):
+        why = f"is a {type(strategy).__name__}, not a name"
+    elif not strategy:
+        why = "is empty"
+    elif len(strategy) > MAX_STRATEGY_CHARS:
+        why = f"is {len(strategy)} characters long"
+    elif _CONTROL.search(strategy):
+        why = "has a control character (CR, LF, ...) or an unpaired surrogate"
+    else:
+        return strategy
+    raise InvalidEvent(
+        f"strategy {shown} {why}: give the strategy's name, 1 to {MAX_STRATEGY_CHARS}"
+        " characters on one line"
+    )
+
+
 class Meta(BaseModel):
     """Worker-owned bookkeeping that travels with a retried event (field ``_meta``)."""
 
@@ -129,7 +152,7 @@ class Event(BaseModel):
     v: StrictInt = CONTRACT_VERSION
     id: StrictStr | None = None
     ts: float | None = None
-    strategy: Annotated[StrictStr, Field(max_length=128)] | None = None
+    strategy: Annotated[StrictStr, Field(max_length=MAX_STRATEGY_CHARS)] | None = None
     kind: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "info"
     severity: Severity = "info"
     subject: Annotated[StrictStr, Field(max_length=MAX_SUBJECT_CHARS)] | None = None
