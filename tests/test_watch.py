@@ -517,3 +517,23 @@ def test_check_shows_the_watch_and_warns_before_a_calendar_runs_out(
         if expected
         else "watch      WARNING" not in out
     )
+
+
+def test_the_example_watch_file_of_the_readme_is_valid():
+    from tests.support.helpers import REPO_ROOT
+
+    config = load_watch(REPO_ROOT / "deploy/examples/watch.toml", frozenset())
+    assert [r.label for r in config.rules] == [
+        "A-share",
+        "precious metals",
+        "ferrous",
+        "market maker",
+    ]
+    assert config.named() == ["mm_600519"]
+    gold = config.rule_for("au_main")
+    assert gold is not None
+    # a Tuesday night at 02:00 (belongs to Wednesday 2 Dec): gold is open, rebar closed
+    night = at("2026-12-02T02:00:00")
+    assert gold.window(night) is not None
+    ferrous = config.rule_for("rb_trend")
+    assert ferrous is not None and ferrous.window(night) is None
