@@ -25,7 +25,8 @@ from producer import (
     NotifierTimeout,
 )
 from producer import keepalive as keepalive_module
-from tests.support.helpers import REPO_ROOT, wait_until
+from tests.support.helpers import REPO_ROOT, clean_env, wait_until
+from worker.cli import main
 from worker.devtools.redis_server import RedisServer
 
 SEEN = "notifier:seen"
@@ -315,3 +316,55 @@ async def test_async_keepalive_on_a_frozen_redis(server, caplog):
 def test_async_keepalive_outside_a_loop_is_one_clear_error(refused_redis_url):
     with pytest.raises(RuntimeError, match=r"call it from a coroutine \(Notifier.keepalive"):
         AsyncNotifier(refused_redis_url).keepalive("ma_cross")
+
+
+# -- notifier push --heartbeat -----------------------------------------------------------------
+
+
+def test_push_heartbeat_from_the_shell(redis_url, r, tmp_path):
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": str(REPO_ROOT),
+        "NOTIFIER_REDIS_URL": redis_url,
+        "NOTIFIER_KEY_PREFIX": "desk2",
+    }
+    before = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "push", "--heartbeat", "ma_cross"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0,
+        "heartbeat of ma_cross recorded\n",
+        "",
+    )
+    assert before <= r.zscore("desk2:seen", "ma_cross") <= time.time()
+    assert r.llen("desk2:queue") == 0  # no event, nothing to mail
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "line"),
+    [
+        (["--heartbeat", ""], 2, "--heartbeat: strategy '' is empty: give the strategy's name"),
+        (
+            ["s", "--heartbeat", "ma", "--data", "a=1"],
+            2,
+            "--heartbeat records a sign of life, not an event: leave out a subject, --data (",
+        ),
+        (["--heartbeat", "ma"], 1, "Redis at {url} unreachable"),
+    ],
+    ids=["empty", "with-event-fields", "redis-down"],
+)
+def test_push_heartbeat_errors_are_one_line(
+    monkeypatch, tmp_path, capsys, refused_redis_url, args, code, line
+):
+    clean_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", refused_redis_url)
+    assert main(["push", *args, "--env-file", os.devnull]) == code
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("notifier push: " + line.format(url=refused_redis_url)), err

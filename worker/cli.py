@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from redis.exceptions import RedisError
 
 from producer.client import AsyncNotifier, NotifierUnavailable
-from producer.event import Event, InvalidEvent, event_from_dict, parse_event
+from producer.event import Event, InvalidEvent, check_strategy, event_from_dict, parse_event
 from producer.redis_errors import explain_redis_error
 
 from .errors import SendError
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
         help="dead letter 'expired' instead of delivering later than this",
     )
     push.add_argument("--json", dest="raw", help="a whole event as JSON ('-' reads stdin)")
+    push.add_argument(
+        "--heartbeat",
+        metavar="STRATEGY",
+        help="record a sign of life of STRATEGY instead of an event (nothing is mailed)",
+    )
 
     command(sub, "check", "check settings, Redis and SMTP login (sends nothing)")
 
@@ -325,10 +330,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), 2) from None
 
 
+def _producer(s: Settings) -> AsyncNotifier:
+    # the settings are resolved: the producer reads no env file of its own
+    return AsyncNotifier(s.redis_url, key_prefix=s.key_prefix, timeout=2.0, env_file=os.devnull)
+
+
+_EVENT_OPTIONS = {
+    "subject": "a subject",
+    "body": "--body",
+    "data": "--data",
+    "raw": "--json",
+    "strategy": "--strategy",
+    "to": "--to",
+    "id": "--id",
+    "dedup_key": "--dedup-key",
+    "dedup_window_s": "--dedup-window-s",
+    "expires_s": "--expires-s",
+}
+
+
+async def _heartbeat(args: argparse.Namespace, s: Settings) -> str:
+    given = [shown for name, shown in _EVENT_OPTIONS.items() if getattr(args, name)]
+    if given:
+        raise CommandError(
+            f"--heartbeat records a sign of life, not an event: leave out {', '.join(given)}"
+            " (an event pushed on its own counts as a sign of life too)",
+            2,
+        )
+    try:
+        strategy = check_strategy(args.heartbeat)
+    except InvalidEvent as exc:
+        raise CommandError(f"--heartbeat: {exc.reason}", 2) from None
+    async with _producer(s) as n:
+        try:
+            await n.heartbeat(strategy)
+        except NotifierUnavailable as exc:
+            raise _redis_error(s, exc) from None
+    return f"heartbeat of {strategy} recorded"
+
+
 async def _push(args: argparse.Namespace) -> str:
     loaded = _load(args)
     s = loaded.settings
     _warn("push", loaded.unknown)
+    if args.heartbeat is not None:
+        return await _heartbeat(args, s)
     if args.raw is not None:
         text = sys.stdin.read() if args.raw == "-" else args.raw
         try:
@@ -361,9 +407,7 @@ async def _push(args: argparse.Namespace) -> str:
             event = event_from_dict({k: v for k, v in fields.items() if v is not None})
         except InvalidEvent as exc:
             raise CommandError(f"invalid event: {exc.reason}", 2) from None
-    # the settings are resolved: the producer reads no env file of its own
-    notifier = AsyncNotifier(s.redis_url, key_prefix=s.key_prefix, timeout=2.0, env_file=os.devnull)
-    async with notifier as n:
+    async with _producer(s) as n:
         try:
             return await n.send_event(event)
         except InvalidEvent as exc:  # e.g. over 64 KiB once encoded
