@@ -53,6 +53,8 @@ METRICS = {
     "notifier_smtp_connections",
     "notifier_smtp_paused",
     "notifier_latency_target_seconds",
+    "notifier_strategy_last_seen_timestamp_seconds",
+    "notifier_strategy_silent",
 }
 HISTOGRAMS = {
     "notifier_delivery_latency_seconds",
@@ -512,6 +514,7 @@ def test_every_alert_has_a_firing_unit_test():
         "NotifierLatencySLOBreach",
         "NotifierPausedOnConfigError",
         "NotifierRetriesClimbing",
+        "NotifierStrategySilent",
     } <= alerts
     firing = set(
         re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels:", ALERTS_TEST.read_text())
@@ -576,6 +579,20 @@ def test_dashboard_has_the_latency_quantiles():
     titles = {panel["title"] for panel in dashboard_panels()}
     for needed in ("In-flight sends", "Open SMTP connections", "Share delivered within target"):
         assert needed in titles
+
+
+def test_dashboard_shows_silent_strategies_and_time_since_last_seen():
+    panels = {panel["title"]: panel for panel in dashboard_panels()}
+    table = panels["Watched strategies"]
+    exprs = [target["expr"] for target in table["targets"]]
+    assert exprs[0].startswith("max by (strategy) (notifier_strategy_silent{")
+    assert exprs[1].startswith(
+        "time() - max by (strategy) (notifier_strategy_last_seen_timestamp_seconds{"
+    )
+    assert all(target["instant"] and target["format"] == "table" for target in table["targets"])
+    assert "SILENT" in json.dumps(table["fieldConfig"]) and "SILENT" in json.dumps(
+        panels["Silence episodes"]["fieldConfig"]
+    )
 
 
 @needs_promtool
