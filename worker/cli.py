@@ -34,6 +34,7 @@ from .logs import setup_logging
 from .mailer import Connection, message_bytes, tls_context
 from .metrics import summarize
 from .queue import Queue, connect
+from .quiet import is_quiet_group
 from .records import DeliveryRecord, Status
 from .routing import EMAIL as EMAIL_CHANNEL
 from .settings import (
@@ -477,6 +478,8 @@ async def _check(args: argparse.Namespace) -> int:
         if r.default is not None:
             goes = r.default.to or [f"MAIL_TO ({','.join(s.mail_to)})"]
             default = f", default to {','.join([*goes, *(r.default.channels or [])])}"
+        quiet = sum(1 for x in r.all() if x.quiet is not None)
+        default += f", {quiet} with quiet hours" if quiet else ""
         print(f"routes     ok: {len(r.route)} route(s) from {s.routes_file}{default}")
     if s.watch is not None:
         _check_watch(s)
@@ -769,8 +772,9 @@ HELD_SAMPLE = 50  # events read from the front of each held list to find the old
 
 
 async def _held_view(q: Queue, now: float) -> list[dict[str, Any]]:
-    """Events held for a digest, per SMTP account (a group is ``<account>.<recipients hash>``):
-    how many, the oldest one's age, and when the next digest may go. Read-only."""
+    """Events held for a digest, per group (soonest first): its account or channel, why
+    (``rate limit``: a group is ``<account>.<recipients hash>``; ``quiet hours``:
+    ``<channel>.quiet-<hash>``), how many, the oldest one's age, and when it goes. Read-only."""
     scored = cast(
         list[tuple[bytes, float]], await q.redis.zrange(q.keys.digests, 0, -1, withscores=True)
     )
@@ -782,25 +786,24 @@ async def _held_view(q: Queue, now: float) -> list[dict[str, Any]]:
         pipe.llen(q.keys.held(name))
         pipe.lrange(q.keys.held(name), 0, HELD_SAMPLE - 1)
     res = await pipe.execute()
-    by_account: dict[str, dict[str, Any]] = {}
+    views = []
     for i, (name, due) in enumerate(groups):
         count, sample = int(res[2 * i]), res[2 * i + 1]
         if not count:
             continue
-        account = name.rsplit(".", 1)[0]
-        view = by_account.setdefault(
-            account,
-            {"account": account, "groups": 0, "events": 0, "oldest_age_s": None, "due_in_s": None},
-        )
-        view["groups"] += 1
-        view["events"] += count
         born = [t for t in map(_produced_at, sample) if t is not None]
-        if born:
-            age = round(now - min(born), 1)
-            view["oldest_age_s"] = max(age, view["oldest_age_s"] or 0.0)
-        due_in = round(max(0.0, due - now), 1)
-        view["due_in_s"] = due_in if view["due_in_s"] is None else min(view["due_in_s"], due_in)
-    return list(by_account.values())
+        views.append(
+            {
+                "group": name,
+                "account": name.rsplit(".", 1)[0],
+                "why": "quiet hours" if is_quiet_group(name) else "rate limit",
+                "events": count,
+                "oldest_age_s": round(now - min(born), 1) if born else None,
+                "due_at": round(due, 3),
+                "due_in_s": round(max(0.0, due - now), 1),
+            }
+        )
+    return views
 
 
 def _produced_at(raw: bytes) -> float | None:
@@ -947,16 +950,29 @@ def _print_stats(st: dict[str, Any], *, watch: float | None = None) -> None:
     for line in _channel_lines(st.get("channels", {})):
         print(line)
     for held in st.get("held", []):
-        oldest = held["oldest_age_s"]
-        age = f"oldest {_age(oldest)}" if oldest is not None else "age unknown"
-        due = held["due_in_s"]
-        when = f"sent in {due:.0f} s" if due else "sent as soon as a worker takes it"
-        print(
-            f"held for a digest: account {held['account']}: {held['events']} event(s), "
-            f"{age}, {when}"
-        )
+        print(_held_line(held))
     if st["paused"]:
         print(f"PAUSED by {st['paused'].get('worker')}: {st['paused'].get('reason')}")
+
+
+def _held_line(held: dict[str, Any]) -> str:
+    """One held digest group for people: whose, how many, how old, when it goes and why."""
+    oldest = held["oldest_age_s"]
+    age = f"oldest {_age(oldest)}" if oldest is not None else "age unknown"
+    due = held["due_in_s"]
+    if not due:
+        when = "sent as soon as a worker takes it"
+    elif due < 120:
+        when = f"sent in {due:.0f} s"
+    else:
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(held["due_at"]))
+        when = f"sent at {at} (in {_age(due)})"
+    who = held["account"]
+    if held["why"] == "quiet hours":
+        who = "e-mail" if who == EMAIL_CHANNEL else f"channel {who}"
+    else:
+        who = f"account {who}"
+    return f"held for a digest: {who}: {held['events']} event(s), {age}, {when} ({held['why']})"
 
 
 async def _stats(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """What happens to one event (or one digest) once a lane has it: the decision.
 
     parse ─► recipients (event ``to`` ∪ route ∪ MAIL_TO) ─► claim the id (sent? busy?)
-          ─► expired? ─► repeat suppressed? ─► account (failover order) ─► rate limit
-          ─► compose ─► send ─► one decision ─► settle (worker.settle)
+          ─► expired? ─► repeat suppressed? ─► quiet hours ─► account (failover order)
+          ─► rate limit ─► compose ─► send ─► one decision ─► settle (worker.settle)
 
 Every way out is a typed decision (:mod:`worker.settle`) that one :class:`Settler` applies,
 so the event is always in exactly one of queue, processing, retry, held (digest) or dead,
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .queue import Queue
+from .quiet import is_quiet_group
 from .retry import backoff
 from .routing import EMAIL
 from .settings import Settings
@@ -203,6 +204,14 @@ class Deliverer:
         claimed = await self._claim(h)
         if claimed is not None:
             return claimed
+        # critical events, and routes with digest = false, are never held: they still take
+        # a slot, so the limit sees every mail the account sends
+        force = event.severity == "critical" or not h.digest
+        if h.quiet is not None and not force:
+            due = h.quiet.held_until(now)
+            if due is not None:  # quiet hours: this delivery waits in its channel's group
+                group = h.quiet.group(h.channel, h.recipients)
+                return Hold(group, due, h.channel, 0, quiet=", ".join(h.quiet.deliver_during))
         if not notes and event.meta is not None and event.meta.note:
             notes.append(event.meta.note)  # a retry of the mail that carries the note
         late = now - h.produced
@@ -220,9 +229,7 @@ class Deliverer:
             lane,
             [h],
             alert,
-            # critical events, and routes with digest = false, are never held: they still
-            # take a slot, so the limit sees every mail the account sends
-            force=event.severity == "critical" or not h.digest,
+            force=force,
             order=order,
         )
         match attempt:
@@ -271,6 +278,7 @@ class Deliverer:
         else:
             h.recipients = list(self.settings.mail_to)
         h.digest = route.digest if route is not None else True
+        h.quiet = route.quiet if route is not None else None
         window = event.dedup_window_s or (route.dedup_window_s if route else None)
         h.window_s = window or self.settings.dedup_window_s
         targets[:] = route.targets if route is not None else [EMAIL]
@@ -472,6 +480,8 @@ class Deliverer:
     async def handle_digest(self, lane: int, group: str, raws: list[bytes]) -> None:
         """Send one digest mail for the held events of ``group`` (now in processing)."""
         fetched_at = self.clock()
+        quiet = is_quiet_group(group)
+        why = "quiet hours" if quiet else "rate limit reached"
         hs = [Handling(raw=raw, id=_raw_id(raw), fetched_at=fetched_at) for raw in raws]
         # prepared together, their claims share one round trip
         early = await asyncio.gather(*(self._guarded(self._prepared(h), h) for h in hs))
@@ -482,7 +492,7 @@ class Deliverer:
                 decision = Dead(
                     "expired",
                     f"could not be delivered within expires_s={expires:g} "
-                    "(held for a digest: rate limit reached)",
+                    f"(held for a digest: {why})",
                     h.attempts,
                 )
             if decision is not None:
@@ -493,6 +503,13 @@ class Deliverer:
             return
         home = self.by_name.get(group.rsplit(".", 1)[0], self.channels[0])
         recipients = ready[0].recipients
+        locale = self.settings.locale
+        if not quiet:
+            reason = f"{home.name}: rate limit {home.per_minute}/min reached"
+        elif ready[0].quiet is not None:  # the route's quiet hours (as the routes file is now)
+            reason = ready[0].quiet.reason(fetched_at, locale)
+        else:
+            reason = "静默时段" if locale == "zh" else "quiet hours"
         order = [home, *(c for c in self._order(ready[0]) if c is not home)]
         # The group's own account first, then the others (failover): a digest is a new send
         # like any other and must not wait for a down or paused account.
@@ -502,8 +519,8 @@ class Deliverer:
                 ready,
                 build_digest(
                     [(h.id, h.event) for h in ready if h.event is not None],
-                    reason=f"{home.name}: rate limit {home.per_minute}/min reached",
-                    locale=self.settings.locale,
+                    reason=reason,
+                    locale=locale,
                     now=fetched_at,
                 ),
                 force=False,
@@ -527,6 +544,7 @@ class Deliverer:
                         attempt.receipt.message_id,
                         home.name,
                         home.per_minute,
+                        quiet=quiet,
                     ),
                 )
             case Hold():

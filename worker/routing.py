@@ -14,6 +14,9 @@ Rules live in a TOML file named by ``ROUTES_FILE`` and are validated at start-up
     kind = ["fill", "order"]
     to = ["fills@example.com"]
     dedup_window_s = 300               # default window for events with a dedup_key
+    [route.quiet]                      # quiet hours (worker/quiet.py)
+    deliver_during = ["cn_a_share"]    # outside: held, one digest at 08:45 before the open
+    digest_at = "08:45"
 
     [default]
     to = ["me@example.com"]
@@ -33,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from producer.event import Event, Severity, check_addresses
 
+from .quiet import Quiet
+from .sessions import SessionBook
 from .settings import first_error, read_toml
 
 __all__ = ["Route", "Routes", "load_routes"]
@@ -61,6 +66,8 @@ class Route(BaseModel):
     # throttled, paused or down
     channels: Annotated[list[str], Field(min_length=1)] | None = None
     fallback: list[str] = Field(default_factory=list)
+    # non-critical events outside these sessions or hours: held for one digest
+    quiet: Quiet | None = None
 
     _lists = field_validator(
         "strategy", "kind", "severity", "to", "channels", "fallback", mode="before"
@@ -126,8 +133,10 @@ class Routes(BaseModel):
                     )
 
 
-def load_routes(path: Path, allowed: frozenset[str]) -> Routes:
-    """Parse and validate the routes file; ValueError with one line on what is wrong."""
+def load_routes(path: Path, allowed: frozenset[str], sessions: SessionBook | None = None) -> Routes:
+    """Parse and validate the routes file, its quiet hours against ``sessions`` (the built-in
+    ones and the watch file's; default: the built-in ones); ValueError with one line on what
+    is wrong."""
     raw = read_toml(path, "NOTIFIER_ROUTES_FILE")
     try:
         routes = Routes.model_validate(raw)
@@ -140,4 +149,19 @@ def load_routes(path: Path, allowed: frozenset[str]) -> Routes:
             f"NOTIFIER_ROUTES_FILE={path}: {', '.join(outside)} not allowed: add them to "
             "NOTIFIER_ALLOWED_RECIPIENTS"
         )
+    for i, r in enumerate(routes.all()):
+        if r.quiet is None:
+            continue
+        label = r.label or ("default" if r is routes.default else f"#{i + 1}")
+        if not r.digest:
+            raise ValueError(
+                f"NOTIFIER_ROUTES_FILE={path}: route {label!r}: quiet hours hold events for a "
+                "digest and this route has digest = false: remove one of them"
+            )
+        try:
+            r.quiet.bind(sessions or SessionBook.builtin())
+        except ValueError as exc:
+            raise ValueError(
+                f"NOTIFIER_ROUTES_FILE={path}: route {label!r}: quiet: {exc}"
+            ) from None
     return routes

@@ -445,7 +445,7 @@ class Settings(SmtpFields, BaseSettings):
         if self.routes_file is not None:
             from .routing import load_routes
 
-            self._routes = load_routes(self.routes_file, self.allowed)
+            self._routes = load_routes(self.routes_file, self.allowed, self.sessions)
         if self.channels_file is not None:
             from .channels.registry import load_channels
 

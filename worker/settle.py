@@ -5,7 +5,8 @@ Handling an event (:mod:`worker.deliver`) ends in exactly one typed decision::
     Sent        accepted by a channel (a retry of its own for refused recipients, if any)
     Retry       not now: back-off, throttle, or another copy of the id is being sent
     Dead        never: invalid, refused for good, out of attempts, expired, a bug
-    Hold        the channel's rate limit is reached: held for a digest
+    Hold        the channel's rate limit is reached, or the route's quiet hours: held for
+                a digest
     Requeue     back to the queue unchanged (every account paused, or this worker fenced)
     Suppressed  a repeat inside its dedup window
     Duplicate   already delivered (the sent mark)
@@ -24,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.event import Event
 
@@ -32,6 +33,9 @@ from .channels.base import Receipt
 from .metrics import Metrics
 from .queue import Claim, Queue
 from .records import DeliveryRecord, Status
+
+if TYPE_CHECKING:
+    from .quiet import Quiet
 
 __all__ = [
     "Dead",
@@ -90,6 +94,7 @@ class Handling:
     window_s: float = 0.0
     channel: str = "email"  # the channel this delivery is for
     fallback: tuple[str, ...] = ()  # tried after the e-mail accounts (an e-mail delivery)
+    quiet: Quiet | None = None  # the route's quiet hours
 
     @property
     def attempts(self) -> int:
@@ -133,6 +138,7 @@ class Hold:
     due: float
     channel: str
     per_minute: int
+    quiet: str = ""  # held by quiet hours: the route's sessions (empty: by the rate limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,7 @@ class DigestSent:
     message_id: str
     home: str  # the account whose rate limit held the events
     per_minute: int
+    quiet: bool = False  # held by quiet hours: latency counts from the digest, not before
 
 
 Decision = Sent | Retry | Dead | Hold | Requeue | Suppressed | Duplicate | FanOut
@@ -381,26 +388,48 @@ class Settler:
         await self._hold(hs, d, self.clock())
 
     async def _hold(self, hs: Sequence[Handling], d: Hold, now: float) -> None:
-        rec = DeliveryRecord(now, Status.HELD, hs[0].id, count=len(hs), channel=d.channel)
+        rec = DeliveryRecord(
+            now,
+            Status.HELD,
+            hs[0].id,
+            count=len(hs),
+            channel=d.channel,
+            reason="quiet" if d.quiet else "",
+        )
         await self.queue.hold(d.group, [h.raw for h in hs], d.due, rec)
         await self.queue.release([h.claim for h in hs if h.claim is not None])
         self.metrics.held.inc(len(hs))
         ids = ", ".join(h.id for h in hs[:10]) + (", ..." if len(hs) > 10 else "")
-        logger.info(
-            "rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s: %s",
-            d.channel,
-            d.per_minute,
-            len(hs),
-            max(0.0, d.due - now),
-            ids,
-        )
+        if d.quiet:
+            logger.info(
+                "quiet hours (sent at once only during %s): %d event(s) for %s held for a "
+                "digest in %.0f s: %s",
+                d.quiet,
+                len(hs),
+                d.channel,
+                max(0.0, d.due - now),
+                ids,
+            )
+        else:
+            logger.info(
+                "rate limit of %s (%d/min) reached: %d event(s) held for a digest in %.1f s: %s",
+                d.channel,
+                d.per_minute,
+                len(hs),
+                max(0.0, d.due - now),
+                ids,
+            )
         for h in hs:
             self._done(Outcome(Status.HELD, h.id, account=d.channel))
 
     async def digest_sent(self, hs: Sequence[Handling], d: DigestSent) -> None:
         now = self.clock()
         r = d.receipt
-        latencies = [max(0.0, now - h.produced) for h in hs]
+        # Quiet hours delay events on purpose: their latency runs from the digest's time
+        # (when the quiet hours let them go), so the SLO figures measure the worker, not
+        # the user's choice. A rate limit's delay does count.
+        starts = [max(h.produced, h.fetched_at) if d.quiet else h.produced for h in hs]
+        latencies = [max(0.0, now - start) for start in starts]
         rec = DeliveryRecord(
             now,
             Status.DIGEST,
@@ -413,8 +442,8 @@ class Settler:
         )
         claims = [h.claim for h in hs if h.claim is not None]
         await self.queue.ack_digest([h.raw for h in hs], claims, rec)
-        for h, latency in zip(hs, latencies, strict=True):
-            self.metrics.observe_delivery(latency, max(0.0, h.fetched_at - h.produced), r.send_s)
+        for h, start, latency in zip(hs, starts, latencies, strict=True):
+            self.metrics.observe_delivery(latency, max(0.0, h.fetched_at - start), r.send_s)
             self._done(
                 Outcome(
                     Status.DIGEST,
@@ -435,7 +464,7 @@ class Settler:
             d.subject,
         )
         slow = [(h, x) for h, x in zip(hs, latencies, strict=True) if x > self.target]
-        if slow:  # the cost of the rate limit, visible where slow single mails are
+        if slow and not d.quiet:  # the cost of the rate limit, visible where slow single mails are
             ids = ", ".join(h.id for h, _ in slow[:10]) + (", ..." if len(slow) > 10 else "")
             logger.warning(
                 "SLOW %d held event(s) delivered in a digest up to %.1f s after they were "
