@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.helpers import (
     KEYS,
+    REPO_ROOT,
     FakeClock,
     clean_env,
     delivered,
@@ -271,3 +272,12 @@ def test_quiet_needs_digests_and_knows_user_sessions(tmp_path) -> None:
     assert routes.default is not None and routes.default.quiet is not None
     assert routes.default.quiet.held_until(at("2026-06-05 23:00")) is None  # Friday night
     assert hhmm(routes.default.quiet.held_until(at("2026-06-06 10:00"))) == "2026-06-08 21:00"
+
+
+def test_the_example_routes_file_is_valid() -> None:
+    path = REPO_ROOT / "deploy/examples/routes.toml"
+    allowed = frozenset({"desk@example.com", "me@example.com", "fills@example.com"})
+    routes = load_routes(path, allowed, SessionBook.builtin())
+    (quiet_route,) = [r for r in routes.all() if r.quiet is not None]
+    assert quiet_route.quiet.held_until(at("2026-06-01 22:30")) is None  # the night session
+    assert hhmm(quiet_route.quiet.held_until(at("2026-06-01 23:30"))) == "2026-06-02 08:45"
