@@ -26,23 +26,71 @@ key                         type         holds
 ``<p>:last``                hash         strategy -> JSON {subject, ts} of its last event
 ``<p>:watch``               hash         strategy -> JSON state of its watch (silence episodes)
 ==========================  ===========  ======================================================
+
+On a Redis Cluster the prefix is wrapped in a hash tag: ``{notifier}:queue``,
+``{notifier}:processing:<wid>``, ... Redis hashes only what is between the braces, so every
+key of one prefix is in one hash slot, on one node, and every Lua script and MULTI of
+notifier (which move an event between several of these keys in one step) may run there;
+the cluster client refuses a command whose keys are in different slots. A prefix that
+already holds a tag (``NOTIFIER_KEY_PREFIX={desk1}`` or ``desk:{1}``) is used as given.
+
+On a standalone Redis and behind Sentinel the names stay exactly as they were (no braces):
+producers in other languages LPUSH onto ``notifier:queue`` today, and that name is part of
+the public contract. So the same prefix names different keys on a Cluster (with braces)
+and on one server (without): every producer and worker of one Cluster finds the topology
+in its URL (``redis+cluster://``, :func:`is_cluster`) and agrees; a script that pushes by
+hand to a Cluster uses ``{notifier}:queue``. Moving a deployment from one server to a
+Cluster is a move of its Redis, not of a live queue: drain it, or set a tagged prefix
+(``{notifier}``) on the single server beforehand, which names the same keys on both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["Keys"]
+__all__ = ["Keys", "has_hash_tag", "is_cluster"]
+
+# The URL schemes of a Redis Cluster (producer.topology parses the rest of such a URL).
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def has_hash_tag(name: str) -> bool:
+    """Whether Redis Cluster hashes only a part of ``name``: a ``{`` followed later by a
+    ``}`` with at least one character between them (the first such pair counts)."""
+    start = name.find("{")
+    return start >= 0 and name.find("}", start + 2) >= 0 and name[start + 1] != "}"
+
+
+def is_cluster(target: object) -> bool:
+    """Whether ``target``, a Redis URL or a redis-py client, is a Redis Cluster."""
+    if isinstance(target, str):
+        return target.strip().partition("://")[0].lower() in _CLUSTER_SCHEMES
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(target, RedisCluster | AsyncRedisCluster)
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix; with ``cluster``, all in one hash slot (see above)."""
 
     prefix: str = "notifier"
+    cluster: bool = field(default=False, kw_only=True)
+    base: str = field(init=False, repr=False, compare=False)  # what every name starts with
+
+    def __post_init__(self) -> None:
+        tagged = self.cluster and not has_hash_tag(self.prefix)
+        object.__setattr__(self, "base", f"{{{self.prefix}}}" if tagged else self.prefix)
+
+    @classmethod
+    def for_redis(cls, prefix: str, target: object) -> Keys:
+        """The keys of ``prefix`` on ``target`` (a Redis URL or client): with a hash tag on
+        a Cluster, as they always were elsewhere."""
+        return cls(prefix, cluster=is_cluster(target))
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return ":".join((self.base, *parts))
 
     @property
     def queue(self) -> str:

@@ -48,6 +48,10 @@ __all__ = ["Claim", "Depths", "Guard", "Queue", "connect"]
 T = TypeVar("T")
 P = ParamSpec("P")
 
+# How many times :meth:`Queue.claim` follows a claim that changes hands while it looks at
+# the owner's heartbeat before it answers 'busy' (look again later).
+CLAIM_HANDOVERS = 3
+
 
 class Guard(Protocol):
     """Runs one Redis operation, waiting out what a wait fixes (see :mod:`worker.outage`)."""
@@ -117,25 +121,23 @@ end
 return #due
 """
 
-# Return the processing lists of workers whose heartbeat key has expired to the front of the
-# queue (oldest first in line) and forget those workers. ARGV[1] = key prefix; ARGV[2] = a
-# worker id to treat as dead even if its heartbeat exists (its own restart), or ''.
+# Return one worker's processing list to the front of the queue (oldest first in line) and
+# forget that worker, if it is still dead: the caller read its heartbeat gone, but it may
+# have come back since. KEYS: workers, worker:<wid>, processing:<wid>, queue. ARGV[1] = the
+# worker id; ARGV[2] = '1' for this worker's own list (its restart or graceful stop: moved
+# whatever its heartbeat says, and it stays registered). Returns the number moved, or -1
+# when the worker is alive.
 RECOVER = """#!lua
-local res = {}
-for _, wid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if wid == ARGV[2] or redis.call('EXISTS', ARGV[1] .. ':worker:' .. wid) == 0 then
-    local src = ARGV[1] .. ':processing:' .. wid
-    local n = 0
-    while true do
-      local v = redis.call('LMOVE', src, KEYS[2], 'LEFT', 'RIGHT')
-      if not v then break end
-      n = n + 1
-    end
-    if wid ~= ARGV[2] then redis.call('SREM', KEYS[1], wid) end
-    if n > 0 then res[#res + 1] = wid; res[#res + 1] = n end
-  end
+local own = ARGV[2] == '1'
+if not own and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local n = 0
+while true do
+  local v = redis.call('LMOVE', KEYS[3], KEYS[4], 'LEFT', 'RIGHT')
+  if not v then break end
+  n = n + 1
 end
-return res
+if not own then redis.call('SREM', KEYS[1], ARGV[1]) end
+return n
 """
 
 # After a lost reply on the fetch path (Redis restarted, a timeout), an event can sit in this
@@ -245,38 +247,42 @@ return 1
 """
 
 
-# Take one due digest group: held:<group> -> processing (oldest first in the reply).
+# Take one digest group the caller found due: held:<group> -> processing (oldest first in
+# the reply), if it is still due (another worker may have taken it since, and a new hold
+# may have scheduled it again, later). KEYS: digests, held:<group>, processing. ARGV[1] =
+# now, ARGV[2] = the group. Returns {} when it is not due (any more), else {'1', events...}.
 TAKE_DIGEST = """#!lua
-local groups = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
-if #groups == 0 then return {} end
-local g = groups[1]
-redis.call('ZREM', KEYS[1], g)
-local held = ARGV[2] .. ':held:' .. g
-local items = redis.call('LRANGE', held, 0, -1)
-redis.call('DEL', held)
-for _, v in ipairs(items) do redis.call('LPUSH', KEYS[2], v) end
-table.insert(items, 1, g)
+local due = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not due or tonumber(due) > tonumber(ARGV[1]) then return {} end
+redis.call('ZREM', KEYS[1], ARGV[2])
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+for _, v in ipairs(items) do redis.call('LPUSH', KEYS[3], v) end
+table.insert(items, 1, '1')
 return items
 """
 
 
 # Claim an event id before sending it, so that two copies of one id (a producer that re-sent
 # after its timeout, fetched together on two lanes or by two workers) are never sent at once.
-# The claim is "<worker id>|<nonce of the run>|<token of this handling>"; ARGV[1] is ours.
-# 'sent': already delivered; 'busy': a live process holds the claim; 'claimed': ours now
-# (also when the claim is already ours: the reply to an earlier call was lost). A claim
-# whose owner's heartbeat is gone (or belongs to another run of it) is taken over.
+# The claim is "<worker id>|<nonce of the run>|<token of this handling>"; ARGV[1] is ours,
+# ARGV[2] its TTL (ms). 'sent': already delivered; 'claimed': ours now (also when the claim
+# is already ours: the reply to an earlier call was lost). Another owner's claim is judged by
+# its heartbeat, a key the caller must name, so it takes two calls:
+#   1. KEYS: sent:<id>, sending:<id>: 'sent', 'claimed' or 'held <their claim>';
+#   2. KEYS: the same + worker:<their wid>; ARGV[3] = their claim as read, ARGV[4] = their
+#      nonce: 'busy' while that run's heartbeat lives, else the claim is taken over
+#      ('claimed'); 'held <claim>' again if the claim changed hands in between.
+# A claim that names no owner (not "<wid>|<nonce>|...") is taken over at once.
 CLAIM = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'sent' end
 local cur = redis.call('GET', KEYS[2])
-if cur and cur ~= ARGV[1] then
-  local wid, nonce = string.match(cur, '^([^|]*)|([^|]*)|')
-  if wid then
-    local hb = redis.call('GET', ARGV[2] .. ':worker:' .. wid)
-    if hb and string.find(hb, nonce, 1, true) then return 'busy' end
-  end
+if cur and cur ~= ARGV[1] and string.match(cur, '^[^|]*|[^|]*|') then
+  if cur ~= ARGV[3] then return 'held ' .. cur end
+  local hb = redis.call('GET', KEYS[3])
+  if hb and string.find(hb, ARGV[4], 1, true) then return 'busy' end
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 'claimed'
 """
 
@@ -531,16 +537,27 @@ class Queue:
 
     @_guarded("recover")
     async def recover(self, *, including_self: bool = False) -> dict[str, int]:
-        """Return dead workers' in-flight events to the queue: {worker id: count moved}."""
-        res = await self._recover(
-            keys=[self.keys.workers, self.keys.queue],
-            args=[self.keys.prefix, self.worker_id if including_self else ""],
-        )
-        pairs = cast(list[Any], res)
-        return {
-            (w.decode() if isinstance(w, bytes) else str(w)): int(n)
-            for w, n in zip(pairs[::2], pairs[1::2], strict=True)
-        }
+        """Return dead workers' in-flight events to the queue: {worker id: count moved}.
+        The heartbeats are read here and each dead worker's list is moved by a script that
+        looks at its heartbeat again (every key it touches named: Redis Cluster)."""
+        own = self.worker_id if including_self else None
+        dead = [w for w, beat in (await self._heartbeats()).items() if beat is None or w == own]
+        if not dead:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for w in dead:
+            await self._recover(
+                keys=[
+                    self.keys.workers,
+                    self.keys.heartbeat(w),
+                    self.keys.processing(w),
+                    self.keys.queue,
+                ],
+                args=[w, "1" if w == own else "0"],
+                client=pipe,
+            )
+        moved = [int(n) for n in await pipe.execute()]
+        return {w: n for w, n in zip(dead, moved, strict=True) if n > 0}
 
     async def deregister(self) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -571,12 +588,23 @@ class Queue:
     async def claim(self, claim: Claim) -> str:
         """'claimed' (send it, then settle with this claim), 'sent' or 'busy'. Calling again
         with the same claim (a retry after a lost reply) finds it ours."""
-        res = await self._batch.call(
-            self._claim,
-            [self.keys.sent(claim.event_id), self.keys.sending(claim.event_id)],
-            [claim.value, self.keys.prefix, self.claim_ttl_ms],
-        )
-        return _s(cast(bytes, res))
+        keys = [self.keys.sent(claim.event_id), self.keys.sending(claim.event_id)]
+        args: list[Any] = [claim.value, self.claim_ttl_ms]
+        res = _s(cast(bytes, await self._batch.call(self._claim, keys, args)))
+        for _ in range(CLAIM_HANDOVERS):
+            if not res.startswith("held "):
+                return res
+            theirs = res.removeprefix("held ")
+            wid, nonce, _token = theirs.split("|", 2)
+            res = _s(
+                cast(
+                    bytes,
+                    await self._claim(
+                        keys=[*keys, self.keys.heartbeat(wid)], args=[*args, theirs, nonce]
+                    ),
+                )
+            )
+        return "busy" if res.startswith("held ") else res
 
     @_guarded("release")
     async def release(self, claims: Sequence[Claim], *, pipe: Any = None) -> None:
@@ -802,17 +830,21 @@ class Queue:
 
     @_guarded("digests")
     async def take_digest(self, now: float | None = None) -> tuple[str, list[bytes]] | None:
-        """One due digest group's events, moved into this worker's processing list."""
+        """One due digest group's events, moved into this worker's processing list; None
+        when no group is due, or when another worker took the earliest one first."""
+        now = self._now() if now is None else now
+        due = await self.redis.zrangebyscore(self.keys.digests, "-inf", now, start=0, num=1)
+        if not due:
+            return None
+        group = _s(cast(bytes, due[0]))
         res = cast(
             list[bytes],
             await self._take_digest(
-                keys=[self.keys.digests, self.processing],
-                args=[self._now() if now is None else now, self.keys.prefix],
+                keys=[self.keys.digests, self.keys.held(group), self.processing],
+                args=[now, group],
             ),
         )
-        if not res:
-            return None
-        return _s(res[0]), list(res[1:])
+        return (group, list(res[1:])) if res else None
 
     @_guarded("digests")
     async def next_digest_due(self) -> float | None:
@@ -897,12 +929,17 @@ class Queue:
                 out.append(rec)
             start += page
 
-    async def workers(self) -> dict[str, dict[str, Any] | None]:
+    async def _heartbeats(self) -> dict[str, bytes | None]:
+        """Every registered worker's heartbeat as stored (None: expired)."""
         ids = sorted(_s(w) for w in await self.redis.smembers(self.keys.workers))
         if not ids:
             return {}
         values = await self.redis.mget([self.keys.heartbeat(w) for w in ids])
-        return {w: (json.loads(v) if v else None) for w, v in zip(ids, values, strict=True)}
+        return dict(zip(ids, cast(list[bytes | None], values), strict=True))
+
+    async def workers(self) -> dict[str, dict[str, Any] | None]:
+        beats = await self._heartbeats()
+        return {w: (json.loads(v) if v else None) for w, v in beats.items()}
 
     # ------------------------------------------------------------------ liveness (watch)
     @_guarded("seen")

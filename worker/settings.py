@@ -315,7 +315,7 @@ class Settings(SmtpFields, BaseSettings):
     # Redis
     redis_url: str = Field(default="redis://localhost:6379/0", repr=False)  # may hold a password
     key_prefix: Annotated[
-        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:{}-]+$")
     ] = "notifier"
     worker_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.@:-]*$", max_length=128)
 
