@@ -291,7 +291,9 @@ def _check_templates(s: Settings) -> None:
 def _queue(s: Settings) -> Queue:
     from producer.keys import Keys
 
-    return Queue(connect(s.redis_url, timeout=2.0), Keys(s.key_prefix), s.worker_id)
+    return Queue(
+        connect(s.redis_url, timeout=2.0), Keys.for_redis(s.key_prefix, s.redis_url), s.worker_id
+    )
 
 
 def _redis_error(s: Settings, exc: BaseException) -> CommandError:

@@ -75,7 +75,7 @@ def build_core(
     accounts as the fallback of routes that name none."""
     clock = clock or SystemClock()
     client = redis if redis is not None else connect(settings.redis_url)
-    keys = Keys(settings.key_prefix)
+    keys = Keys.for_redis(settings.key_prefix, client)
     queue = Queue(
         client,
         keys,
