@@ -310,6 +310,7 @@ def _seconds(name: str, value: float, *, positive: bool) -> float:
 
 
 ClientT = TypeVar("ClientT", redis.Redis, aredis.Redis)
+KeepAliveT = TypeVar("KeepAliveT", KeepAlive, AsyncKeepAlive)
 
 
 class _Producer(Generic[ClientT]):
@@ -326,11 +327,12 @@ class _Producer(Generic[ClientT]):
         client: ClientT | None = None,
     ) -> None:
         url, prefix = resolve(redis_url=redis_url, key_prefix=key_prefix, env_file=env_file)
-        self.keys = Keys(prefix)
+        self.keys = Keys.for_redis(prefix, client if client is not None else url)
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.retry_s = _seconds("retry_s", retry_s, positive=False)
         self._url = None if client is not None else url
         self._redis: ClientT = client if client is not None else self._connect(url)
+        self._keepalives: list[KeepAlive | AsyncKeepAlive] = []  # stopped by close()
 
     def _connect(self, url: str) -> ClientT:
         raise NotImplementedError
@@ -359,7 +361,16 @@ class _Producer(Generic[ClientT]):
             return strategy, every_s, self
         twin = copy.copy(self)
         twin._redis = self._connect(self._url)
+        twin._keepalives = []
         return strategy, every_s, twin
+
+    def _started(self, keepalive: KeepAliveT) -> KeepAliveT:
+        self._keepalives = [k for k in self._keepalives if k.running] + [keepalive]
+        return keepalive
+
+    def _stop_keepalives(self) -> None:
+        for keepalive in self._keepalives:
+            keepalive.stop()
 
 
 class Notifier(_Producer[redis.Redis]):
@@ -424,14 +435,15 @@ class Notifier(_Producer[redis.Redis]):
         daemon thread; ``stop()`` the handle or use it as a context manager. It never raises
         into the strategy and never delays its calls (see :mod:`producer.keepalive`)."""
         strategy, every_s, twin = self._keepalive_twin(strategy, every_s)
-        return KeepAlive(
+        keepalive = KeepAlive(
             strategy,
             every_s=every_s,
             beat=lambda: twin.heartbeat(strategy, retry_s=0),
-            close=twin.close if twin is not self else None,
+            close=twin._redis.close if twin is not self else None,
             url=self._url,
             stop_wait_s=self.timeout + 0.1,
         )
+        return self._started(keepalive)
 
     def _run(self, command: _Command, call: Callable[[], object], budget: float) -> None:
         """``call()``, tried again while ``budget`` seconds last; NotifierUnavailable if no
@@ -501,6 +513,8 @@ class Notifier(_Producer[redis.Redis]):
         return self.send(severity=severity, to=to, retry_s=retry_s, **fields)
 
     def close(self) -> None:
+        """Stop this client's keep-alives and close its connections."""
+        self._stop_keepalives()
         self._redis.close()
 
     def __enter__(self) -> Notifier:
@@ -567,13 +581,14 @@ class AsyncNotifier(_Producer[aredis.Redis]):
         async def beat() -> None:
             await twin.heartbeat(strategy, retry_s=0)
 
-        return AsyncKeepAlive(
+        keepalive = AsyncKeepAlive(
             strategy,
             every_s=every_s,
             beat=beat,
-            close=twin.aclose if twin is not self else None,
+            close=twin._redis.aclose if twin is not self else None,
             url=self._url,
         )
+        return self._started(keepalive)
 
     async def _run(
         self, command: _Command, call: Callable[[], Awaitable[object]], budget: float
@@ -639,6 +654,9 @@ class AsyncNotifier(_Producer[aredis.Redis]):
         return await self.send(severity=severity, to=to, retry_s=retry_s, **fields)
 
     async def aclose(self) -> None:
+        """Stop this client's keep-alives (their tasks are cancelled) and close its
+        connections."""
+        self._stop_keepalives()
         await self._redis.aclose()
 
     async def __aenter__(self) -> AsyncNotifier:

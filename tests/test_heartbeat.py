@@ -189,6 +189,13 @@ def test_keepalive_beats_at_once_then_at_its_interval(redis_url, r):
         assert n.send("the strategy's own client is still open")
 
 
+def test_closing_the_notifier_stops_its_keepalives(redis_url):
+    with Notifier(redis_url) as n:
+        handles = [n.keepalive(name, every_s=10) for name in ("ma_cross", "grid_btc")]
+        wait_until(lambda: all(ka.beats for ka in handles), 1.0, "the first beats")
+    assert not any(ka.running for ka in handles)
+
+
 def test_a_frozen_redis_never_delays_the_strategy(server):
     """A keep-alive stuck on a frozen Redis holds nothing the strategy needs: each send fails
     in its own timeout, the main thread keeps running, stop() returns promptly."""
@@ -292,6 +299,10 @@ async def test_async_keepalive_beats_and_stop_cancels_its_task(redis_url):
         await asyncio.sleep(0.01)
         assert not ka.running and ka.beats == 1
         assert seen_of(redis_url, "with") is not None
+        ka = n.keepalive("left running", every_s=10)
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.01)
+    assert not ka.running  # aclose() stopped it
 
 
 async def test_async_keepalive_on_a_frozen_redis(server, caplog):
