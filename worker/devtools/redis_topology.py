@@ -206,6 +206,10 @@ class SentinelSet(LocalServer):
             replica.start()
         for server in self.data[1:]:
             _wait(f"replica {server.port} in sync with the master", self._in_sync(server.port))
+        # Redis 7 streams writes to a new replica only after its first REPLCONF ACK (sent
+        # once a second): wait until a write is acknowledged, so that a test's first WAIT
+        # does not spend that second.
+        _wait("the master counting every replica's acknowledgement", self._acked(master.port))
         self._start_sentinels(master.port)
         return self
 
@@ -213,6 +217,15 @@ class SentinelSet(LocalServer):
         def check() -> bool:
             with _client((HOST, port), self.password) as r:
                 return bool(r.info("replication")["master_link_status"] == "up")
+
+        return check
+
+    def _acked(self, master_port: int) -> Callable[[], bool]:
+        def check() -> bool:
+            with _client((HOST, master_port), self.password) as r:
+                r.set("notifier-devtools:ready", 1)  # a write: it moves the offset
+                r.delete("notifier-devtools:ready")
+                return int(r.wait(self._n_replicas, 50)) >= self._n_replicas
 
         return check
 
