@@ -33,13 +33,16 @@ Everything in here is pure: no I/O, importable by the producer (redis and pydant
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 from collections.abc import Iterator
 from enum import StrEnum
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from redis import exceptions as rex
+from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFoundError
+from redis.sentinel import MasterNotFoundError
 
 __all__ = [
     "RedisProblem",
@@ -54,8 +57,11 @@ _URL_FORM = "redis://:PASSWORD@host:port/db"
 # An error code at the start of Redis's reply, or after redis-py's pipeline annotation
 # ("Command # 1 (LPUSH ...) of pipeline caused error: MISCONF ...").
 _MISCONF = re.compile(r"(?:^|error: )MISCONF\b")
-_URL_PASSWORD = re.compile(r"\b((?:rediss?|unix|redis\+sentinel)://[^:@/\s]*):[^@\s]*@")
+_URL_PASSWORD = re.compile(r"\b((?:rediss?|unix)(?:\+(?:sentinel|cluster))?://[^:@/\s]*):[^@\s]*@")
+# ?sentinel_password=..., &password=...: in a URL's query or in an error's text
+_QUERY_PASSWORD = re.compile(r"((?:^|(?<=[?&;\s]))[\w.-]*password=)[^&;#\s'\"]*", re.IGNORECASE)
 _MAX_DETAIL = 200
+_NO_MASTER = (MasterNotFoundError, AsyncMasterNotFoundError)
 
 
 class RedisProblem(StrEnum):
@@ -77,19 +83,21 @@ _WRITE_REFUSED = frozenset({RedisProblem.FULL, RedisProblem.PERSISTENCE, RedisPr
 
 
 def redacted_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and messages)."""
+    """The URL with any password replaced by ``***`` (for logs and messages): the one in the
+    user part, also when it names several hosts (``redis+sentinel://:pw@h1:26379,h2:26379/m``),
+    and the value of any query parameter ending in ``password`` (``?sentinel_password=...``)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
     except ValueError:
         return "<unparsable URL>"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -163,6 +171,8 @@ def command_not_run(exc: BaseException) -> bool:
             continue
         if isinstance(link, rex.ResponseError | rex.AuthenticationError | rex.BusyLoadingError):
             return True
+        if isinstance(link, _NO_MASTER):  # the sentinels named no master: nothing was sent
+            return True
         if isinstance(link, ConnectionRefusedError | socket.gaierror):
             return True
         if isinstance(link, rex.TimeoutError | TimeoutError):
@@ -180,11 +190,10 @@ def _redis_cause(exc: BaseException) -> BaseException:
 
 def _detail(exc: BaseException, url: str | None) -> str:
     text = " ".join(str(_redis_cause(exc)).split()) or type(exc).__name__
-    if url:
-        password = _password(url)
-        if password:
-            text = text.replace(password, "***")
+    for secret in _secrets(url) if url else ():
+        text = text.replace(secret, "***")
     text = _URL_PASSWORD.sub(r"\1:***@", text)
+    text = _QUERY_PASSWORD.sub(r"\1***", text)
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 
 
@@ -193,6 +202,14 @@ def _password(url: str) -> str | None:
         return urlsplit(url).password
     except ValueError:
         return None
+
+
+def _secrets(url: str) -> list[str]:
+    """The URL's password and the values of its ``...password=`` query parameters."""
+    found = [_password(url) or ""]
+    with contextlib.suppress(ValueError):
+        found += [v for k, v in parse_qsl(urlsplit(url).query) if k.lower().endswith("password")]
+    return sorted((secret for secret in found if secret), key=len, reverse=True)  # longest first
 
 
 def _host(url: str | None) -> str | None:
