@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from producer.client import AsyncNotifier, NotifierUnavailable
 from producer.event import Event, InvalidEvent, check_strategy, event_from_dict, parse_event
 from producer.redis_errors import explain_redis_error
+from producer.topology import AsyncClient, format_inspection, inspect
 
 from .errors import SendError
 from .logs import setup_logging
@@ -455,7 +456,10 @@ async def _check(args: argparse.Namespace) -> int:
             f"{d.queue} waiting, retry {d.retry}, dead {d.dead}, processing {d.processing}, "
             f"held {d.held}"
         )
-        for warning in await _redis_durability(q):
+        durability = await _redis_durability(q)
+        for line in await _redis_topology(q, durability):
+            print(f"redis      {line}")
+        for warning in durability:
             print(f"redis      WARNING: {warning}")
         for key, n in (await q.foreign_queues()).items():
             print(
@@ -579,6 +583,22 @@ async def _check_channel(conf: HttpChannelSettings) -> tuple[bool, str]:
         return False, f"{label:<18} FAIL ({exc.category}): {exc}"
     finally:
         await channel.close()
+
+
+async def _redis_topology(q: Queue, durability: list[str]) -> list[str]:
+    """The topology (standalone, Sentinel master + replicas, Cluster masters), each master's
+    persistence and its replicas' lag, and warnings (those ``durability`` already gives are
+    left out)."""
+    try:
+        report = await inspect(cast(AsyncClient, q.redis))
+    except (RedisError, RedisClusterException, OSError) as exc:
+        return [f"WARNING: cannot read the topology: {explain_redis_error(exc, None)}"]
+    said = any("no persistence" in warning for warning in durability)
+    return [
+        line
+        for line in format_inspection(report)
+        if not (said and line.startswith("WARNING:") and "no persistence" in line)
+    ]
 
 
 async def _redis_durability(q: Queue) -> list[str]:

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterPipeline
 
 from producer.keys import Keys
+from producer.topology import async_client
 
 from .records import DeliveryRecord, Status
 
@@ -386,7 +388,7 @@ class _Batcher:
                 else:
                     pipe = self.redis.pipeline(transaction=False)
                     for script, keys, args, _ in batch:
-                        await script(keys=keys, args=args, client=pipe)
+                        await _pipelined(pipe, script, keys, args)
                     results = await pipe.execute(raise_on_error=False)
             except BaseException as exc:
                 for *_, fut in batch:
@@ -402,6 +404,16 @@ class _Batcher:
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
+
+
+async def _pipelined(pipe: Any, script: Any, keys: list[Any], args: list[Any]) -> None:
+    """Queue a script call on ``pipe``. redis-py's cluster pipeline refuses EVALSHA (it
+    could not load a script a node lacks in the middle of a pipeline): there the script
+    goes as EVAL with its text, which the node caches as it does a loaded one."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.eval(script.script, len(keys), *keys, *args)
+    else:
+        await script(keys=keys, args=args, client=pipe)
 
 
 def _v(value: object) -> Any:
@@ -426,13 +438,17 @@ def _s(value: bytes | str) -> str:
 
 
 def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
-    """An asyncio Redis client for the worker (no decoding: events are bytes)."""
-    return aredis.Redis.from_url(
+    """An asyncio Redis client for the worker (no decoding: events are bytes), for any
+    topology of ``url`` (:mod:`producer.topology`): on Sentinel it follows the master through
+    a failover; on a Cluster it is redis-py's cluster client, which offers every command the
+    worker sends (all of its keys are in one slot) and is typed as a ``Redis`` here."""
+    client = async_client(
         url,
         socket_connect_timeout=timeout,
         socket_timeout=timeout + 5.0,  # above the blocking fetch's wait
         health_check_interval=30,
     )
+    return cast(aredis.Redis, client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,15 +562,16 @@ class Queue:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for w in dead:
-            await self._recover(
-                keys=[
+            await _pipelined(
+                pipe,
+                self._recover,
+                [
                     self.keys.workers,
                     self.keys.heartbeat(w),
                     self.keys.processing(w),
                     self.keys.queue,
                 ],
-                args=[w, "1" if w == own else "0"],
-                client=pipe,
+                [w, "1" if w == own else "0"],
             )
         moved = [int(n) for n in await pipe.execute()]
         return {w: n for w, n in zip(dead, moved, strict=True) if n > 0}
@@ -610,12 +627,14 @@ class Queue:
     async def release(self, claims: Sequence[Claim], *, pipe: Any = None) -> None:
         """Release claims that are still ours (another owner's claim is left alone); with
         ``pipe``, queued on that pipeline instead."""
-        if claims:
-            await self._release(
-                keys=[self.keys.sending(c.event_id) for c in claims],
-                args=[c.value for c in claims],
-                client=pipe,
-            )
+        if not claims:
+            return
+        keys = [self.keys.sending(c.event_id) for c in claims]
+        args = [c.value for c in claims]
+        if pipe is None:
+            await self._release(keys=keys, args=args)
+        else:
+            await _pipelined(pipe, self._release, keys, args)
 
     # ------------------------------------------------------------------ settle
     def _record(self, pipe: Any, record: DeliveryRecord) -> None:

@@ -375,7 +375,10 @@ class Settings(SmtpFields, BaseSettings):
 
         scheme = v.partition("://")[0].lower() if "://" in v else ""
         if scheme.startswith(("redis+", "rediss+")):
-            return v  # another topology's URL form: its connector checks it
+            from producer.topology import describe
+
+            describe(v)  # Sentinel or Cluster: ValueError in one line, password masked
+            return v
         try:
             if scheme not in ("redis", "rediss", "unix"):
                 raise ValueError
