@@ -1,6 +1,13 @@
 """notifier's producer: what a trading strategy imports to queue an alert."""
 
-from .client import AsyncNotifier, Notifier, NotifierRefused, NotifierTimeout, NotifierUnavailable
+from .client import (
+    AsyncNotifier,
+    Notifier,
+    NotifierNotReplicated,
+    NotifierRefused,
+    NotifierTimeout,
+    NotifierUnavailable,
+)
 from .event import Event, InvalidEvent, parse_event
 from .keepalive import AsyncKeepAlive, KeepAlive
 from .keys import Keys
@@ -14,6 +21,7 @@ __all__ = [
     "KeepAlive",
     "Keys",
     "Notifier",
+    "NotifierNotReplicated",
     "NotifierRefused",
     "NotifierTimeout",
     "NotifierUnavailable",

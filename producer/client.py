@@ -18,14 +18,23 @@ Exceptions::
     ├── NotifierRefused                  certainly not queued (refused connection, unknown
     │                                    host, or Redis answered an error: OOM, MISCONF,
     │                                    READONLY, wrong password, ...)          .queued False
-    └── NotifierTimeout (also TimeoutError)  may have been queued (no answer in time, or the
-                                         connection broke after the command went out) .queued None
+    ├── NotifierTimeout (also TimeoutError)  may have been queued (no answer in time, or the
+    │                                    connection broke after the command went out) .queued None
+    └── NotifierNotReplicated            queued on the master, not confirmed on a replica
+                                         within replica_timeout_ms (replicas=N)  .queued True
 
 Every ``NotifierUnavailable`` of a send carries ``event`` and ``event_id``. Sending the same
 event again (``notifier.send_event(exc.event)``) is safe: the worker sends one mail per id (its
 ``sending:<id>`` claim and ``sent:<id>`` mark turn a second copy into a no-op). A heartbeat's
 error has no event (``event`` and ``event_id`` are None; its message names the strategy) and
 "queued" reads "recorded"; a heartbeat again is always safe.
+
+Acknowledged pushes: ``Notifier(..., replicas=1, replica_timeout_ms=100)`` (or
+``NOTIFIER_PRODUCER_REPLICAS`` / ``NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS``) sends ``LPUSH`` and
+``WAIT 1 100`` in one round trip: ``send`` returns only once that many replicas hold the
+event, else raises NotifierNotReplicated. A call may then last ``timeout`` plus
+``replica_timeout_ms``. Heartbeats never wait for replicas. The URL may name a standalone
+Redis, a Sentinel service or a Cluster (:mod:`producer.topology`).
 """
 
 from __future__ import annotations
@@ -41,13 +50,11 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-import redis
-import redis.asyncio as aredis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .env import resolve
+from .env import resolve, resolve_replicas
 from .event import (
     MAX_EVENT_BYTES,
     Event,
@@ -60,12 +67,14 @@ from .event import (
 from .keepalive import AsyncKeepAlive, KeepAlive, running_loop
 from .keys import Keys
 from .redis_errors import command_not_run, explain_redis_error
+from .topology import AsyncClient, SyncClient, async_client, sync_client
 
 __all__ = [
     "AsyncKeepAlive",
     "AsyncNotifier",
     "KeepAlive",
     "Notifier",
+    "NotifierNotReplicated",
     "NotifierRefused",
     "NotifierTimeout",
     "NotifierUnavailable",
@@ -100,6 +109,26 @@ class NotifierTimeout(NotifierUnavailable, TimeoutError):
     after the command went out). Sending the same event again is safe."""
 
     queued: ClassVar[bool | None] = None
+
+
+class NotifierNotReplicated(NotifierUnavailable):
+    """Acknowledged pushes (``replicas=N``): the master queued the event but fewer than N
+    replicas confirmed it within ``replica_timeout_ms``. A failover now could lose it;
+    sending the same event again is safe. ``replicas`` is how many did confirm."""
+
+    queued: ClassVar[bool | None] = True
+
+    def __init__(self, message: str, *, event: Event | None = None, replicas: int = 0) -> None:
+        super().__init__(message, event=event)
+        self.replicas = replicas
+
+
+class _Unconfirmed(Exception):
+    """WAIT answered fewer replicas than asked (internal: becomes NotifierNotReplicated)."""
+
+    def __init__(self, confirmed: int) -> None:
+        super().__init__(confirmed)
+        self.confirmed = confirmed
 
 
 # ------------------------------------------------------------------------ building events
@@ -289,11 +318,12 @@ class _Attempts:
         return NotifierRefused(f"{command.not_done}: {why}", event=command.event)
 
 
-def _options(timeout: float) -> dict[str, Any]:
-    """A strategy never hangs on its notifier: short timeouts, no redis-py retries."""
+def _options(timeout: float, wait_s: float = 0.0) -> dict[str, Any]:
+    """A strategy never hangs on its notifier: short timeouts, no redis-py retries. A reply
+    may take ``wait_s`` longer when it waits for replicas (``WAIT``)."""
     return {
         "socket_connect_timeout": timeout,
-        "socket_timeout": timeout,
+        "socket_timeout": timeout + wait_s,
         "retry": Retry(NoBackoff(), 0),
     }
 
@@ -309,7 +339,7 @@ def _seconds(name: str, value: float, *, positive: bool) -> float:
     return float(value)
 
 
-ClientT = TypeVar("ClientT", redis.Redis, aredis.Redis)
+ClientT = TypeVar("ClientT", SyncClient, AsyncClient)
 KeepAliveT = TypeVar("KeepAliveT", KeepAlive, AsyncKeepAlive)
 
 
@@ -325,17 +355,49 @@ class _Producer(Generic[ClientT]):
         retry_s: float = 0.0,
         env_file: str | os.PathLike[str] | None = None,
         client: ClientT | None = None,
+        replicas: int | None = None,
+        replica_timeout_ms: int | None = None,
     ) -> None:
         url, prefix = resolve(redis_url=redis_url, key_prefix=key_prefix, env_file=env_file)
         self.keys = Keys.for_redis(prefix, client if client is not None else url)
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.retry_s = _seconds("retry_s", retry_s, positive=False)
+        self.replicas, self.replica_timeout_ms = resolve_replicas(
+            replicas=replicas, replica_timeout_ms=replica_timeout_ms, env_file=env_file
+        )
+        if self.replicas and self.keys.cluster:
+            raise ValueError(
+                f"replicas={self.replicas}: acknowledged pushes need a standalone or Sentinel "
+                "Redis (WAIT must follow the push on the node that holds the queue); on a "
+                "Cluster leave replicas at 0 (NOTIFIER_PRODUCER_REPLICAS)"
+            )
         self._url = None if client is not None else url
         self._redis: ClientT = client if client is not None else self._connect(url)
         self._keepalives: list[KeepAlive | AsyncKeepAlive] = []  # stopped by close()
 
     def _connect(self, url: str) -> ClientT:
         raise NotImplementedError
+
+    @property
+    def _wait_s(self) -> float:
+        """How much longer than ``timeout`` a push may wait for its replicas."""
+        return self.replica_timeout_ms / 1000 if self.replicas else 0.0
+
+    def _pushed(self, replies: list[Any]) -> None:
+        """Check a ``LPUSH`` + ``WAIT`` pipeline's replies: ``_Unconfirmed`` if too few
+        replicas confirmed the push."""
+        confirmed = int(replies[-1])
+        if confirmed < self.replicas:
+            raise _Unconfirmed(confirmed)
+
+    def _not_replicated(self, event: Event, confirmed: int) -> NotifierNotReplicated:
+        return NotifierNotReplicated(
+            f"event {event.id} was queued on the master, not confirmed on a replica "
+            f"({confirmed} of {self.replicas} replica(s) within {self.replica_timeout_ms} ms); "
+            "sending it again with the same id is safe (send_event(exc.event))",
+            event=event,
+            replicas=confirmed,
+        )
 
     def _attempts(self, command: _Command, started: float, budget: float) -> _Attempts:
         return _Attempts(command=command, started=started, budget=budget, url=self._url)
@@ -373,7 +435,7 @@ class _Producer(Generic[ClientT]):
             keepalive.stop()
 
 
-class Notifier(_Producer[redis.Redis]):
+class Notifier(_Producer[SyncClient]):
     """Synchronous producer. Thread-safe (redis-py's pool); cheap to keep for the process.
 
     ``Notifier(redis_url=None, *, key_prefix=None, timeout=0.5, retry_s=0.0, env_file=None)``:
@@ -382,8 +444,8 @@ class Notifier(_Producer[redis.Redis]):
     ``retry_s`` is the default of every send's ``retry_s``.
     """
 
-    def _connect(self, url: str) -> redis.Redis:
-        return redis.Redis.from_url(url, **_options(self.timeout))
+    def _connect(self, url: str) -> SyncClient:
+        return sync_client(url, **_options(self.timeout, self._wait_s))
 
     def send(
         self,
@@ -419,7 +481,20 @@ class Notifier(_Producer[redis.Redis]):
     def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
         budget = self._budget(retry_s)
         event, event_id, text = _wire(event)
-        self._run(_queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget)
+        if not self.replicas:
+            self._run(_queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget)
+            return event_id
+
+        def push() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.lpush(self.keys.queue, text)
+            pipe.execute_command("WAIT", self.replicas, self.replica_timeout_ms)
+            self._pushed(pipe.execute())
+
+        try:
+            self._run(_queueing(event), push, budget)
+        except _Unconfirmed as exc:
+            raise self._not_replicated(event, exc.confirmed) from None
         return event_id
 
     def heartbeat(self, strategy: str, *, retry_s: float | None = None) -> None:
@@ -524,11 +599,11 @@ class Notifier(_Producer[redis.Redis]):
         self.close()
 
 
-class AsyncNotifier(_Producer[aredis.Redis]):
+class AsyncNotifier(_Producer[AsyncClient]):
     """asyncio producer with the same interface as :class:`Notifier` (``await send(...)``)."""
 
-    def _connect(self, url: str) -> aredis.Redis:
-        return aredis.Redis.from_url(url, **_options(self.timeout))
+    def _connect(self, url: str) -> AsyncClient:
+        return async_client(url, **_options(self.timeout, self._wait_s))
 
     async def send(
         self,
@@ -562,7 +637,22 @@ class AsyncNotifier(_Producer[aredis.Redis]):
     async def send_event(self, event: Event, /, *, retry_s: float | None = None) -> str:
         budget = self._budget(retry_s)
         event, event_id, text = _wire(event)
-        await self._run(_queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget)
+        if not self.replicas:
+            await self._run(
+                _queueing(event), lambda: self._redis.lpush(self.keys.queue, text), budget
+            )
+            return event_id
+
+        async def push() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.lpush(self.keys.queue, text)
+            pipe.execute_command("WAIT", self.replicas, self.replica_timeout_ms)
+            self._pushed(await pipe.execute())
+
+        try:
+            await self._run(_queueing(event), push, budget)
+        except _Unconfirmed as exc:
+            raise self._not_replicated(event, exc.confirmed) from None
         return event_id
 
     async def heartbeat(self, strategy: str, *, retry_s: float | None = None) -> None:

@@ -20,7 +20,13 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["DEFAULT_KEY_PREFIX", "DEFAULT_REDIS_URL", "read_env_file", "resolve"]
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_REDIS_URL",
+    "read_env_file",
+    "resolve",
+    "resolve_replicas",
+]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_KEY_PREFIX = "notifier"
@@ -106,4 +112,46 @@ def resolve(
     return (
         pick(redis_url, "NOTIFIER_REDIS_URL", DEFAULT_REDIS_URL),
         pick(key_prefix, "NOTIFIER_KEY_PREFIX", DEFAULT_KEY_PREFIX),
+    )
+
+
+REPLICAS_VARIABLE = "NOTIFIER_PRODUCER_REPLICAS"
+REPLICA_TIMEOUT_VARIABLE = "NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS"
+DEFAULT_REPLICA_TIMEOUT_MS = 100
+
+
+def resolve_replicas(
+    *,
+    replicas: int | None,
+    replica_timeout_ms: int | None,
+    env_file: str | os.PathLike[str] | None,
+) -> tuple[int, int]:
+    """Acknowledged pushes: how many replicas must confirm a send, and how long to wait for
+    them (ms). Argument, else ``NOTIFIER_PRODUCER_REPLICAS`` /
+    ``NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS`` in the environment, else in the env file, else
+    0 and 100. ``ValueError`` in one line naming the setting when it is not a whole number
+    (replicas 0 or more, the timeout above 0)."""
+    from_file = _env_file_values(env_file) if replicas is None or replica_timeout_ms is None else {}
+
+    def pick(given: int | None, name: str, default: int, minimum: int) -> int:
+        if given is not None:
+            value: object = given
+            shown = f"{'replicas' if name == REPLICAS_VARIABLE else 'replica_timeout_ms'}={given!r}"
+        else:
+            raw = os.environ.get(name) or from_file.get(name)
+            if not raw:
+                return default
+            shown = f"{name}={raw}"
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                value = raw
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            need = "0 or more" if minimum == 0 else "above 0"
+            raise ValueError(f"{shown}: give a whole number, {need}")
+        return value
+
+    return (
+        pick(replicas, REPLICAS_VARIABLE, 0, 0),
+        pick(replica_timeout_ms, REPLICA_TIMEOUT_VARIABLE, DEFAULT_REPLICA_TIMEOUT_MS, 1),
     )
