@@ -33,8 +33,9 @@ Acknowledged pushes: ``Notifier(..., replicas=1, replica_timeout_ms=100)`` (or
 ``NOTIFIER_PRODUCER_REPLICAS`` / ``NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS``) sends ``LPUSH`` and
 ``WAIT 1 100`` in one round trip: ``send`` returns only once that many replicas hold the
 event, else raises NotifierNotReplicated. A call may then last ``timeout`` plus
-``replica_timeout_ms``. Heartbeats never wait for replicas. The URL may name a standalone
-Redis, a Sentinel service or a Cluster (:mod:`producer.topology`).
+``replica_timeout_ms`` plus 0.2 s (Redis ends a timed-out ``WAIT`` on its next timer tick, up
+to 0.1 s late at its default ``hz 10``). Heartbeats never wait for replicas. The URL may name
+a standalone Redis, a Sentinel service or a Cluster (:mod:`producer.topology`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 0.5
 _FIRST_PAUSE_S = 0.05  # between attempts when retrying: 0.05, 0.1, 0.2, 0.4, 0.5, 0.5 ...
 _MAX_PAUSE_S = 0.5
+# Redis ends a timed-out WAIT on a tick of its timer (1/hz: 0.1 s by default), so its answer
+# comes up to that much after replica_timeout_ms: a reply is awaited this much longer, lest a
+# short ``timeout`` turn "not confirmed on a replica" into "may or may not have been queued".
+_WAIT_SLACK_S = 0.2
 
 
 # ------------------------------------------------------------------------------ exceptions
@@ -381,7 +386,7 @@ class _Producer(Generic[ClientT]):
     @property
     def _wait_s(self) -> float:
         """How much longer than ``timeout`` a push may wait for its replicas."""
-        return self.replica_timeout_ms / 1000 if self.replicas else 0.0
+        return self.replica_timeout_ms / 1000 + _WAIT_SLACK_S if self.replicas else 0.0
 
     def _pushed(self, replies: list[Any]) -> None:
         """Check a ``LPUSH`` + ``WAIT`` pipeline's replies: ``_Unconfirmed`` if too few
@@ -422,7 +427,8 @@ class _Producer(Generic[ClientT]):
         if self._url is None:
             return strategy, every_s, self
         twin = copy.copy(self)
-        twin._redis = self._connect(self._url)
+        twin.replicas = 0  # it only beats: the plain ``timeout`` per call, as stop() expects
+        twin._redis = twin._connect(self._url)
         twin._keepalives = []
         return strategy, every_s, twin
 
