@@ -278,6 +278,33 @@ def test_bench_quick_webhook(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["targets"][2]["ok"] is True
 
 
+@pytest.mark.timeout(60)
+def test_bench_quick_acked(capsys: pytest.CaptureFixture[str]) -> None:
+    """Acknowledged pushes: a replica one round trip away (its link through the proxy) costs
+    each ``send(replicas=1)`` that round trip; one on the loopback next to nothing."""
+    assert bench_mod.bench(quick=True, rtt_ms=10, as_json=True, scenarios=["acked"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["broken"] == []
+    assert report["command"] == "notifier bench --quick --rtt-ms 10 --scenario acked --json"
+    plain, far, near = report["rows"]
+    assert [r["events"] for r in report["rows"]] == [30, 30, 30]
+    assert far["scenario"] == "producer send, replicas=1, replica via 10 ms"
+    assert 10 <= far["p50"] <= far["p95"] <= far["p99"]  # the replica's round trip, at least
+    assert plain["p50"] < 5 and near["p50"] < 5
+    assert far["round_trips"] == 1.0  # WAIT: one round trip on the replication link per send
+    assert "0 of 30 not confirmed" in " ".join(far["notes"])
+    limits = [(t["name"].split(": ", 1)[-1], t["limit"]) for t in report["targets"]]
+    assert limits[:4] == [
+        ("p50 − plain p50 (the cost of WAIT) ≤ 1 replica round trip + 5 ms", "≤ 15 ms"),
+        ("p50 − plain p50 ≥ 0.9 × the round trip (it waits for the replica)", "≥ 9 ms"),
+        ("round trips on the replication link per send", "= 1"),
+        ("sends confirmed within replica_timeout_ms=1000", "= 30"),
+    ]
+    # The upper bound is the machine's (a loaded one may miss it); the others hold anywhere.
+    assert [t["ok"] for t in report["targets"][:4]][1:] == [True, True, True]
+    assert report["targets"][0]["ok"] is not None
+
+
 # -- the delivery records, read through worker.records only ------------------------------
 
 

@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="run only this scenario (repeatable): tls, chunking, burst, steady, saturation, "
-        "rss, webhook",
+        "rss, webhook, acked",
     )
     return p
 

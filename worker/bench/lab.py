@@ -54,6 +54,7 @@ from .helpers import proc_cpu_s, proc_memory_mb
 
 if TYPE_CHECKING:
     from ..devtools.emulators.webhook import WebhookEmulator
+    from ..devtools.redis_server import RedisServer
     from ..devtools.smtp_server import SMTPTestServer  # needs aiosmtpd (the dev extra)
 
 PREFIX = "notifier"
@@ -82,11 +83,12 @@ class Plan:
     rss_checkpoint: int
     rss_cap_s: float  # the RSS run stops there even if not every event was sent
     lanes: int = 16
+    acked: int = 300  # producer sends of each kind (plain, replicas=1) in the acked scenario
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(10, 5, 200, 500.0, 2.0, 2_000, 10_000, 2_000, 30.0)
+            return cls(10, 5, 200, 500.0, 2.0, 2_000, 10_000, 2_000, 30.0, acked=30)
         return cls(30, 20, 200, 500.0, 10.0, 10_000, 100_000, 10_000, 150.0)
 
 
@@ -105,6 +107,15 @@ class Row:
     cpu_ms: float | None = None  # per message
     rss_mb: float | None = None  # peak
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPair:
+    """A Redis master and its replica, the replica's link through ``proxy`` if it has one."""
+
+    master: RedisServer
+    replica: RedisServer
+    proxy: ProxyProcess | None
 
 
 @dataclass(slots=True)
@@ -160,6 +171,19 @@ def _message_bytes() -> bytes:
     event = event_from_dict(_sample_event("x", 0, time.time()))
     composer = Composer(mail_from=MAIL_FROM)
     return message_bytes(composer.compose(event, event_id=event.id or "x", recipients=[MAIL_TO]))
+
+
+def _wait_replicated(url: str) -> None:
+    """Until a write on the master at ``url`` is acknowledged by one replica (Redis 7 streams
+    to a new replica once it sent its first ACK, up to a second after the sync)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with redis.Redis.from_url(url, socket_timeout=5.0) as r:
+        while True:
+            r.set("bench:replicated", 1)
+            if int(r.wait(1, 100)) >= 1:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"no replica acknowledged a write within {READY_TIMEOUT_S:.0f} s")
 
 
 # ====================================================================== processes
@@ -432,6 +456,35 @@ class Lab:
         return proxy
 
     # -- Redis --------------------------------------------------------------------------
+    def replica_pair(self, *, via_proxy: bool) -> ReplicaPair:
+        """A master and a replica of their own (started once each way). ``via_proxy``: the
+        replica replicates through the latency proxy (``replicaof`` the proxy's port), one
+        chosen round trip away; else on the loopback. Ready once the replica acknowledged a
+        write (``WAIT``)."""
+
+        def make() -> ReplicaPair:
+            from ..devtools.redis_server import RedisServer
+
+            name = "far" if via_proxy else "near"
+            master = RedisServer(
+                dir=self.tmp / f"master-{name}", extra_args=("--repl-diskless-sync-delay", "0")
+            )
+            master.start()
+            self._stack.callback(master.stop)
+            proxy = self.proxy(master.port) if via_proxy else None
+            upstream = proxy.port if proxy is not None else master.port
+            replica = RedisServer(
+                dir=self.tmp / f"replica-{name}",
+                extra_args=("--replicaof", "127.0.0.1", str(upstream)),
+            )
+            replica.start()
+            self._stack.callback(replica.stop)
+            _wait_replicated(master.url)
+            return ReplicaPair(master, replica, proxy)
+
+        pair: ReplicaPair = self._once(f"replica-pair-{via_proxy}", make)
+        return pair
+
     def reset(self) -> None:
         self.redis.flushall()
 

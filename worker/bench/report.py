@@ -44,13 +44,16 @@ def _machine() -> str:
     )
 
 
-def _command(*, quick: bool, rtt_ms: float, as_json: bool) -> str:
+def _command(
+    *, quick: bool, rtt_ms: float, as_json: bool, scenarios: Sequence[str] | None = None
+) -> str:
     """The command line that reproduces this run."""
     words = ["notifier bench"]
     if quick:
         words.append("--quick")
     if rtt_ms != 50.0:
         words.append(f"--rtt-ms {rtt_ms:g}")
+    words += [f"--scenario {name}" for name in scenarios or ()]
     if as_json:
         words.append("--json")
     return " ".join(words)
@@ -120,7 +123,7 @@ def bench(
     if problem:
         print(f"notifier bench: {problem}", file=sys.stderr)
         return 2
-    command = _command(quick=quick, rtt_ms=rtt_ms, as_json=as_json)
+    command = _command(quick=quick, rtt_ms=rtt_ms, as_json=as_json, scenarios=scenarios)
     machine, date, started = _machine(), time.strftime("%Y-%m-%d %H:%M %Z"), time.monotonic()
     broken: list[str] = []
     with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:

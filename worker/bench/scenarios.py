@@ -3,12 +3,13 @@ sender) in one :class:`~worker.bench.lab.Lab` and adds rows and targets to its r
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from producer.client import Notifier
+from producer.client import Notifier, NotifierNotReplicated
 
 from ..devtools.postfix import postfix_unavailable
 from ..devtools.proxy import ProxyProcess
@@ -536,6 +537,133 @@ def scenario_webhook(lab: Lab) -> None:
     )
 
 
+ACKED_WAIT_MS = 1000  # replica_timeout_ms of the acked sends: far above any round trip here
+
+
+@dataclass(slots=True)
+class _Sends:
+    """One producer's timed sends (s) and how many raised NotifierNotReplicated."""
+
+    producer: Notifier
+    tag: str
+    times: list[float] = field(default_factory=list)
+    unconfirmed: int = 0
+
+
+def _timed_sends(runs: Sequence[_Sends], n: int) -> None:
+    """n events per producer, in turns (one of each, then the next of each...) so that a
+    drift of the machine's speed weighs on every kind alike; each call timed."""
+    for i in range(n):
+        for run in runs:
+            ev = _sample_event(run.tag, i, time.time())
+            del ev["v"]
+            started = time.perf_counter()
+            try:
+                run.producer.send(ev.pop("subject"), **ev)
+            except NotifierNotReplicated:
+                run.unconfirmed += 1
+            run.times.append(time.perf_counter() - started)
+
+
+def _send_row(name: str, run: _Sends, note: str) -> Row:
+    p50, p95, p99 = _ms(run.times)
+    n = len(run.times)
+    return Row(name, n, throughput=n / sum(run.times), p50=p50, p95=p95, p99=p99, notes=[note])
+
+
+def scenario_acked(lab: Lab) -> None:
+    """h. The producer's acknowledged pushes: ``send`` with ``replicas=1`` (LPUSH + WAIT in one
+    round trip) on a master whose replica replicates through the link (``replicaof`` the
+    latency proxy), one chosen round trip away; the same on a master whose replica is on the
+    loopback; a plain ``send`` (``replicas=0``) on that one. The producers (sync) are on the
+    loopback to the masters and send in turns. The worker is not involved: the figures are
+    the strategy's blocking time per call."""
+    rtt, n = lab.rtt_ms, lab.plan.acked
+    far, near = lab.replica_pair(via_proxy=True), lab.replica_pair(via_proxy=False)
+    assert far.proxy is not None
+    name = f"acked push (replicas=1), replica via {rtt:g} ms"
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for url, replicas, tag in [
+            (near.master.url, 0, "plain"),
+            (far.master.url, 1, "acked"),
+            (near.master.url, 1, "acked-near"),
+        ]:
+            producer = stack.enter_context(
+                Notifier(
+                    url,
+                    key_prefix=PREFIX,
+                    timeout=2.0,
+                    replicas=replicas,
+                    replica_timeout_ms=ACKED_WAIT_MS,
+                )
+            )
+            producer.send("bench acked: warm-up", strategy="ma_cross")  # connected, not timed
+            runs.append(_Sends(producer, tag))
+        before = far.proxy.stats()
+        _timed_sends(runs, n)
+        after = far.proxy.stats()
+    plain_run, far_run, near_run = runs
+    plain = _send_row(
+        "producer send, plain LPUSH (replicas=0)",
+        plain_run,
+        "sync Notifier on the loopback to the master; p50 etc. are the whole call (the "
+        "strategy's blocking time); the three kinds of send in turns",
+    )
+    acked = _send_row(
+        f"producer send, replicas=1, replica via {rtt:g} ms",
+        far_run,
+        f"LPUSH + WAIT 1 {ACKED_WAIT_MS} pipelined; the replica replicates through the "
+        f"latency proxy; round trips/msg counted on the replication link; "
+        f"{far_run.unconfirmed} of {n} not confirmed in time",
+    )
+    acked.round_trips = (after.round_trips - before.round_trips) / n
+    loopback = _send_row(
+        "producer send, replicas=1, replica on the loopback",
+        near_run,
+        f"the plain sends' master, its replica on the loopback; {near_run.unconfirmed} of {n} "
+        "not confirmed in time",
+    )
+    lab.rows += [plain, acked, loopback]
+    cost = acked.p50 - plain.p50 if acked.p50 is not None and plain.p50 is not None else None
+    lab.add_target(
+        f"{name}: p50 − plain p50 (the cost of WAIT) ≤ 1 replica round trip + 5 ms",
+        limit=f"≤ {rtt + 5:g} ms",
+        measured=cost,
+        ok=cost is not None and cost <= rtt + 5,
+    )
+    lab.add_target(
+        f"{name}: p50 − plain p50 ≥ 0.9 × the round trip (it waits for the replica)",
+        limit=f"≥ {rtt * 0.9:g} ms",
+        measured=cost,
+        ok=cost is not None and cost >= rtt * 0.9,
+    )
+    lab.add_target(
+        f"{name}: round trips on the replication link per send",
+        limit="= 1",
+        measured=acked.round_trips,
+        ok=acked.round_trips is not None and round(acked.round_trips, 2) == 1.0,
+        fmt="{:.2f}",
+    )
+    lab.add_target(
+        f"{name}: sends confirmed within replica_timeout_ms={ACKED_WAIT_MS}",
+        limit=f"= {n}",
+        measured=n - far_run.unconfirmed,
+        ok=far_run.unconfirmed == 0,
+        fmt="{:.0f}",
+    )
+    near_cost = (
+        loopback.p50 - plain.p50 if loopback.p50 is not None and plain.p50 is not None else None
+    )
+    lab.add_target(
+        "acked push, replica on the loopback: p50 − plain p50 ≤ 1 ms",
+        limit="≤ 1 ms",
+        measured=near_cost,
+        ok=near_cost is not None and near_cost <= 1.0,
+        fmt="{:.2f} ms",
+    )
+
+
 SCENARIOS: dict[str, Callable[[Lab], None]] = {
     "tls": scenario_tls,
     "chunking": scenario_chunking,
@@ -544,4 +672,5 @@ SCENARIOS: dict[str, Callable[[Lab], None]] = {
     "saturation": scenario_saturation,
     "rss": scenario_rss,
     "webhook": scenario_webhook,
+    "acked": scenario_acked,
 }
