@@ -617,9 +617,11 @@ class Watcher:
         loop; Redis errors are waited out by the queue's guard)."""
         next_eval = 0.0
         while not stopping.is_set():
-            timeout = max(0.0, next_eval - time.monotonic())
+            # nothing to evaluate without a watch file: wait for signs of life only (a
+            # timeout of 0 here made an idle worker spin at half a core)
+            due = interval_s if self.config is None else next_eval - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, interval_s))
+                await asyncio.wait_for(self._wake.wait(), timeout=min(max(0.0, due), interval_s))
             try:
                 await self.flush()
                 if self.config is not None and time.monotonic() >= next_eval:
