@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .env import resolve, resolve_replicas
@@ -68,7 +67,7 @@ from .event import (
 from .keepalive import AsyncKeepAlive, KeepAlive, running_loop
 from .keys import Keys
 from .redis_errors import command_not_run, explain_redis_error
-from .topology import AsyncClient, SyncClient, async_client, sync_client
+from .topology import REDIS_ERRORS, AsyncClient, SyncClient, async_client, sync_client
 
 __all__ = [
     "AsyncKeepAlive",
@@ -535,7 +534,7 @@ class Notifier(_Producer[SyncClient]):
             try:
                 call()
                 return
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 attempts = attempts or self._attempts(command, attempt_started, budget)
                 pause = attempts.failed(exc, attempt_started)
             if pause is None:
@@ -696,7 +695,7 @@ class AsyncNotifier(_Producer[AsyncClient]):
             try:
                 await call()
                 return
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 attempts = attempts or self._attempts(command, attempt_started, budget)
                 pause = attempts.failed(exc, attempt_started)
             if pause is None:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from producer.client import AsyncNotifier, NotifierUnavailable
 from producer.event import Event, InvalidEvent, check_strategy, event_from_dict, parse_event
 from producer.redis_errors import explain_redis_error
-from producer.topology import AsyncClient, format_inspection, inspect
+from producer.topology import REDIS_ERRORS, AsyncClient, format_inspection, inspect
 
 from .errors import SendError
 from .logs import setup_logging
@@ -471,7 +471,7 @@ async def _check(args: argparse.Namespace) -> int:
         if paused:
             info = json.loads(paused)
             print(f"worker     PAUSED ({info.get('worker')}): {info.get('reason')}")
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         if isinstance(exc, BrokenPipeError):
             raise
         print(f"redis      FAIL: {explain_redis_error(exc, s.redis_url)}")
@@ -591,7 +591,7 @@ async def _redis_topology(q: Queue, durability: list[str]) -> list[str]:
     left out)."""
     try:
         report = await inspect(cast(AsyncClient, q.redis))
-    except (RedisError, RedisClusterException, OSError) as exc:
+    except REDIS_ERRORS as exc:
         return [f"WARNING: cannot read the topology: {explain_redis_error(exc, None)}"]
     said = any("no persistence" in warning for warning in durability)
     return [
@@ -1007,7 +1007,7 @@ async def _stats(args: argparse.Namespace) -> int:
         while True:
             try:
                 st = await stats_snapshot(q, args.window, s.latency_target_s)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 raise _redis_error(s, exc) from None
             if clear:
                 print("\033[2J\033[H", end="")
@@ -1055,7 +1055,7 @@ async def _watch(args: argparse.Namespace) -> int:
             print(f"forgot {n} of {len(args.forget)} strateg{'y' if n == 1 else 'ies'}")
             return 0
         seen, states = await q.watch_snapshot()
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise _redis_error(s, exc) from None
     finally:
         await q.redis.aclose()
@@ -1131,7 +1131,7 @@ async def _dead(args: argparse.Namespace) -> int:
         return await _dead_replay(q, args.id)
     except BrokenPipeError:
         raise
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise _redis_error(s, exc) from None
     finally:
         await q.redis.aclose()

@@ -17,15 +17,17 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TypeVar
 
-from redis.exceptions import MasterDownError, RedisError, TryAgainError
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 
+from producer import topology
 from producer.redis_errors import RedisProblem, classify_redis_error, explain_redis_error
 
 __all__ = ["REDIS_ERRORS", "RedisGuard", "running_as"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# (the cluster client's RedisClusterException, which no node answering raises, is one)
+REDIS_ERRORS = (*topology.REDIS_ERRORS, asyncio.TimeoutError)
 _PERMANENT = frozenset({RedisProblem.OTHER, RedisProblem.NO_PERMISSION})
 _DOWN = frozenset({RedisProblem.UNREACHABLE, RedisProblem.HOST_NOT_FOUND, RedisProblem.TIMEOUT})
 _LOOP: ContextVar[str | None] = ContextVar("notifier_loop", default=None)
@@ -37,8 +39,10 @@ def running_as(loop: str) -> None:
 
 
 def waits_out(exc: BaseException) -> bool:
-    """Will waiting fix it (Redis down, loading, full, not persisting, a replica)?"""
-    if isinstance(exc, MasterDownError | TryAgainError):
+    """Will waiting fix it (Redis down, loading, full, not persisting, a replica, a Cluster
+    electing a master or moving a slot: CLUSTERDOWN, MASTERDOWN, TRYAGAIN, a slot no node
+    serves)?"""
+    if isinstance(exc, ClusterDownError | TryAgainError | SlotNotCoveredError):
         return True
     return classify_redis_error(exc) not in _PERMANENT
 

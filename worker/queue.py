@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis.asyncio as aredis
-from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 
 from producer.keys import Keys
 from producer.topology import async_client
@@ -416,6 +416,16 @@ async def _pipelined(pipe: Any, script: Any, keys: list[Any], args: list[Any]) -
         await script(keys=keys, args=args, client=pipe)
 
 
+async def _transaction(redis: aredis.Redis) -> Any:
+    """A MULTI/EXEC pipeline of ``redis``. redis-py's asyncio cluster client runs one only
+    once it has read the slot map, which it does not read for a transaction itself (a CLI
+    command whose first command is a MULTI fails with 'Event loop is closed'): read it
+    first (nothing when it is already known)."""
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+    return redis.pipeline(transaction=True)
+
+
 def _v(value: object) -> Any:
     """redis-py's stubs say str where bytes are fine (and needed: events are raw bytes)."""
     return value
@@ -577,7 +587,7 @@ class Queue:
         return {w: n for w, n in zip(dead, moved, strict=True) if n > 0}
 
     async def deregister(self) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await _transaction(self.redis)
         pipe.delete(self.keys.heartbeat(self.worker_id))
         pipe.srem(self.keys.workers, self.worker_id)
         await pipe.execute()
@@ -752,7 +762,7 @@ class Queue:
         self, raw: bytes, claim: Claim, record: DeliveryRecord, again: str, due: float
     ) -> None:
         """Delivered to some recipients; a retry for the refused ones (one round trip)."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await _transaction(self.redis)
         pipe.lrem(self.processing, 1, _v(raw))
         pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
         await self.release([claim], pipe=pipe)
@@ -875,7 +885,7 @@ class Queue:
         self, raws: Sequence[bytes], claims: Sequence[Claim], record: DeliveryRecord
     ) -> None:
         """A digest was accepted: every event in it is delivered (one round trip)."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await _transaction(self.redis)
         for raw, claim in zip(raws, claims, strict=True):
             pipe.lrem(self.processing, 1, _v(raw))
             pipe.set(self.keys.sent(claim.event_id), b"1", ex=self.sent_ttl_s)
@@ -1020,7 +1030,7 @@ class Queue:
         known."""
         if not strategies:
             return 0
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await _transaction(self.redis)
         pipe.zrem(self.keys.seen, *strategies)
         pipe.hdel(self.keys.watch, *strategies)
         pipe.hdel(self.keys.last, *strategies)
@@ -1037,7 +1047,7 @@ class Queue:
         return int(cast(int, res)) == 1
 
     async def purge_dead(self) -> int:
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await _transaction(self.redis)
         pipe.llen(self.keys.dead)
         pipe.delete(self.keys.dead)
         res = await pipe.execute()
