@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aredis
 import redis.cluster
 
 from producer import AsyncNotifier, Notifier, NotifierUnavailable
@@ -45,6 +46,8 @@ from tests.support.helpers import (
 from worker.bench.helpers import proc_cpu_s
 from worker.devtools.redis_server import RedisServer
 from worker.devtools.redis_topology import ClusterSet
+from worker.outage import RedisGuard
+from worker.queue import Queue
 
 K = Keys("notifier", cluster=True)  # {notifier}:queue, ...
 # Short heartbeats (a killed worker's events come back within ~3 s), quick stops and retries.
@@ -188,7 +191,6 @@ def test_producer_and_push_events_delivered_repeats_suppressed_check_and_stats(
     assert counters(rc)["delivered"] == len(ids) + 2
 
     check, stats = cli(worker_proc, env, "check"), cli(worker_proc, env, "stats")
-    forget = cli(worker_proc, env, "watch", "--forget", "grid")  # one MULTI
     code, out = finished(check)
     assert code == 0, out
     assert "topology cluster: state ok, 16384/16384 slots ok, 3 node(s), 3 master(s)" in out, out
@@ -196,8 +198,6 @@ def test_producer_and_push_events_delivered_repeats_suppressed_check_and_stats(
     code, out = finished(stats)
     assert code == 0, out
     assert f"delivered {len(ids) + 2}," in out and "workers: 1 alive" in out, out
-    assert finished(forget) == (0, "forgot 1 of 1 strategy\n")
-    assert rc.zrange(K.seen, 0, -1) == [b"ma_cross"]
 
     assert unsettled(rc, cluster) == {}
     assert_one_slot(cluster, K.counters, K.deliveries, K.workers, K.sent("k4"),
@@ -307,7 +307,7 @@ def test_events_of_a_killed_worker_are_delivered_by_another(
 def test_burst_over_the_rate_limit_goes_as_a_digest(
     cluster, rc, smtp_server, worker_env, worker_proc
 ):
-    window = 1.5
+    window = 1.0
     env = env_for(cluster, smtp_server, worker_env, smtp_rate_per_minute=3,
                   smtp_rate_window_s=window, concurrency=2)  # fmt: skip
     start_worker(worker_proc, env)
@@ -325,6 +325,38 @@ def test_burst_over_the_rate_limit_goes_as_a_digest(
     assert counters(rc)["digested"] == sum(len(ids_in(d)) for d in digests)
     wait_until(lambda: unsettled(rc, cluster) == {}, 5, "nothing unsettled")
     assert_one_slot(cluster, K.rate("primary"), K.counters)
+
+
+# -- a connection closed under a call ---------------------------------------------------------------
+
+
+async def test_a_connection_closed_while_in_use_is_retried_as_a_lost_connection():
+    """redis-py 8.1 lets asyncio's AttributeError out of a write on a connection that another
+    task closed (its cluster client closes them all on CLUSTERDOWN, when a node comes back):
+    the worker's guard waits it out like a lost connection; any other AttributeError is a bug
+    and raised."""
+    closed = aredis.Connection(port=1)  # never connected: no writer, as after a close
+
+    async def renew_on_a_closed_connection(**_: Any) -> int:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            await closed._send_packed_command([b"PING\r\n"])
+        return 1
+
+    calls: list[float] = []
+    client = aredis.Redis(port=1)  # never used
+    queue = Queue(client, K, "w1", guard=RedisGuard("redis+cluster://127.0.0.1:1"))
+    queue._renew = renew_on_a_closed_connection  # type: ignore[assignment]
+    assert await queue.heartbeat({}) is True
+    assert len(calls) == 2 and queue.guard.errors == 1  # type: ignore[union-attr]
+
+    async def bug(**_: Any) -> int:
+        raise AttributeError("a bug of ours")
+
+    queue._renew = bug  # type: ignore[assignment]
+    with pytest.raises(AttributeError, match="a bug of ours"):
+        await queue.heartbeat({})
+    await client.aclose()
 
 
 # -- (g) the node that holds the queue is lost and comes back (keep last: it restarts a node) -------
@@ -348,7 +380,7 @@ def test_loss_of_the_queue_node_is_waited_out_nothing_lost(
         r.config_set("appendfsync", "always")
         wait_until(lambda: not r.info("persistence")["aof_rewrite_in_progress"], 5, "the AOF")
     node.appendonly = True  # and read back at the restart
-    slow_down(smtp_server, 0.2)
+    slow_down(smtp_server, 0.1)
     proc = start_worker(worker_proc, env_for(cluster, smtp_server, worker_env, concurrency=2))
     ids = [f"n{i}" for i in range(6)]
     with Notifier(redis_url=cluster.url) as n:

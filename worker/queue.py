@@ -39,6 +39,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer.keys import Keys
 from producer.topology import async_client
@@ -75,13 +76,37 @@ def _guarded(
     ) -> Callable[Concatenate[Queue, P], Awaitable[T]]:
         @functools.wraps(fn)
         async def guarded(self: Queue, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            async def once() -> T:
+                try:
+                    return await fn(self, *args, **kwargs)
+                except (TypeError, AttributeError) as exc:
+                    if not _closed_under_us(exc):
+                        raise
+                    raise RedisConnectionError(f"connection closed while in use ({exc})") from exc
+
             if self.guard is None:
-                return await fn(self, *args, **kwargs)
-            return await self.guard(lambda: fn(self, *args, **kwargs), what, urgent=urgent)
+                return await once()
+            return await self.guard(once, what, urgent=urgent)
 
         return guarded
 
     return wrap
+
+
+def _closed_under_us(exc: BaseException) -> bool:
+    """A call on a connection that was closed while it was in use: redis-py 8.1 lets the
+    asyncio transport's TypeError or AttributeError out of its connection instead of a
+    ConnectionError (redis/redis-py#4287, #3546). Its asyncio cluster client causes it
+    itself: on CLUSTERDOWN (a node that comes back) it closes every connection, also those
+    that other tasks are using. Such an error is a lost connection, retried as one."""
+    if not isinstance(exc, TypeError | AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "redis.asyncio.connection":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _counters(record: DeliveryRecord) -> list[str]:
