@@ -45,6 +45,7 @@ import copy
 import difflib
 import hashlib
 import os
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -67,7 +68,14 @@ from .event import (
 from .keepalive import AsyncKeepAlive, KeepAlive, running_loop
 from .keys import Keys
 from .redis_errors import command_not_run, explain_redis_error
-from .topology import REDIS_ERRORS, AsyncClient, SyncClient, async_client, sync_client
+from .topology import (
+    REDIS_ERRORS,
+    AsyncClient,
+    SyncClient,
+    async_client,
+    describe,
+    sync_client,
+)
 
 __all__ = [
     "AsyncKeepAlive",
@@ -363,6 +371,8 @@ class _Producer(Generic[ClientT]):
         replica_timeout_ms: int | None = None,
     ) -> None:
         url, prefix = resolve(redis_url=redis_url, key_prefix=key_prefix, env_file=env_file)
+        if client is None:
+            describe(url)  # a URL that is not one is a ValueError here, not at the first send
         self.keys = Keys.for_redis(prefix, client if client is not None else url)
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.retry_s = _seconds("retry_s", retry_s, positive=False)
@@ -376,11 +386,27 @@ class _Producer(Generic[ClientT]):
                 "Cluster leave replicas at 0 (NOTIFIER_PRODUCER_REPLICAS)"
             )
         self._url = None if client is not None else url
-        self._redis: ClientT = client if client is not None else self._connect(url)
+        # Made at first use, so that a constructor never touches the network: redis-py's
+        # synchronous Cluster client reads the slot map in its own constructor, and a node
+        # that is down then would raise out of Notifier(...) instead of NotifierUnavailable
+        # out of send (which makes the client inside its error handling).
+        self._client: ClientT | None = client
+        self._client_lock = threading.Lock()
         self._keepalives: list[KeepAlive | AsyncKeepAlive] = []  # stopped by close()
 
     def _connect(self, url: str) -> ClientT:
         raise NotImplementedError
+
+    @property
+    def _redis(self) -> ClientT:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    assert self._url is not None  # no client given: there is a URL
+                    self._client = self._connect(self._url)
+                client = self._client
+        return client
 
     @property
     def _wait_s(self) -> float:
@@ -427,7 +453,8 @@ class _Producer(Generic[ClientT]):
             return strategy, every_s, self
         twin = copy.copy(self)
         twin.replicas = 0  # it only beats: the plain ``timeout`` per call, as stop() expects
-        twin._redis = twin._connect(self._url)
+        twin._client = None  # its own, made at its first beat
+        twin._client_lock = threading.Lock()
         twin._keepalives = []
         return strategy, every_s, twin
 
@@ -519,7 +546,7 @@ class Notifier(_Producer[SyncClient]):
             strategy,
             every_s=every_s,
             beat=lambda: twin.heartbeat(strategy, retry_s=0),
-            close=twin._redis.close if twin is not self else None,
+            close=twin._close_client if twin is not self else None,
             url=self._url,
             stop_wait_s=self.timeout + 0.1,
         )
@@ -595,7 +622,11 @@ class Notifier(_Producer[SyncClient]):
     def close(self) -> None:
         """Stop this client's keep-alives and close its connections."""
         self._stop_keepalives()
-        self._redis.close()
+        self._close_client()
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> Notifier:
         return self
@@ -680,7 +711,7 @@ class AsyncNotifier(_Producer[AsyncClient]):
             strategy,
             every_s=every_s,
             beat=beat,
-            close=twin._redis.aclose if twin is not self else None,
+            close=twin._aclose_client if twin is not self else None,
             url=self._url,
         )
         return self._started(keepalive)
@@ -752,7 +783,11 @@ class AsyncNotifier(_Producer[AsyncClient]):
         """Stop this client's keep-alives (their tasks are cancelled) and close its
         connections."""
         self._stop_keepalives()
-        await self._redis.aclose()
+        await self._aclose_client()
+
+    async def _aclose_client(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     async def __aenter__(self) -> AsyncNotifier:
         return self

@@ -383,5 +383,10 @@ def test_replicas_on_a_cluster_url_is_refused_in_one_line(
         assert REPLICAS_VARIABLE in text
         assert_one_line_without_secrets(text)
     monkeypatch.setenv(REPLICAS_VARIABLE, "0")
-    with pytest.raises(redis.ConnectionError):  # replicas=0: past the check, it connects
-        Notifier(url)
+    # replicas=0: past the check. Constructing never connects (even redis-py's sync Cluster
+    # client, which reads the slot map in its constructor); the first send says "not queued".
+    with Notifier(url) as notifier, pytest.raises(NotifierUnavailable) as unavailable:
+        notifier.send("x", id="cluster-down-1")
+    assert unavailable.value.queued is False
+    assert str(unavailable.value).startswith("event cluster-down-1 was not queued: ")
+    assert_one_line_without_secrets(str(unavailable.value))
