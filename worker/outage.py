@@ -11,6 +11,7 @@ itself with :func:`running_as` and the guard beats for it while it waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,20 @@ def waits_out(exc: BaseException) -> bool:
 
 
 class RedisGuard:
+    """Runs Redis operations, waiting out what a wait fixes.
+
+    The worker's clients make no retries of their own (:func:`worker.queue.connect`): every
+    failed try comes here and counts in ``errors`` (after a lost reply the fetch loop
+    returns to the queue what it did not receive: ``Worker._reconcile``). A connection that
+    broke or was refused (Redis restarted, a Sentinel failover, an idle connection that the
+    server closed) is tried once more at once, on a new connection, unlogged. After that,
+    tries back off from 0.2 s up to ``max_delay_s`` (``urgent_delay_s`` for the heartbeat)
+    and the outage is logged once. When an operation reaches Redis again after it was
+    unreachable, every operation waiting to try again tries at once: the worker follows a
+    new master as soon as its heartbeat (retried at least every second) reaches it, not at
+    the end of each loop's back-off.
+    """
+
     def __init__(
         self,
         redis_url: str,
@@ -63,6 +78,8 @@ class RedisGuard:
         self._clock = clock
         self.errors = 0  # operations that failed and were retried (fetch reconciles on it)
         self._down_since: float | None = None
+        self._unreachable = False  # a try found Redis unreachable since the last that worked
+        self._back: asyncio.Event | None = None  # set when an operation works again
 
     async def __call__(
         self, op: Callable[[], Awaitable[T]], what: str, *, urgent: bool = False
@@ -70,27 +87,47 @@ class RedisGuard:
         delay = 0.2
         cap = self.urgent_delay_s if urgent else self.max_delay_s
         loop = _LOOP.get()
+        failing_since: float | None = None
         while True:
             if loop is not None and self._beat is not None:
                 self._beat(loop)
+            started = self._clock()
             try:
                 result = await op()
             except REDIS_ERRORS as exc:
                 if not waits_out(exc):
                     raise
                 self.errors += 1
+                problem = classify_redis_error(exc)
+                self._unreachable = self._unreachable or problem in _DOWN
+                first = failing_since is None
+                failing_since = started if failing_since is None else failing_since
+                if first and problem == RedisProblem.UNREACHABLE:
+                    continue  # a broken connection: once more at once, on a new one
                 if self._down_since is None:
-                    self._down_since = self._clock()
+                    self._down_since = failing_since
                     self._log(exc, what)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, cap)
                 continue
+            if self._unreachable:  # Redis answers again: wake the operations waiting for it
+                self._unreachable = False
+                if self._back is not None:
+                    self._back.set()
+                    self._back = None
             if self._down_since is not None:
                 logger.warning(
                     "Redis reachable again after %.1f s", self._clock() - self._down_since
                 )
                 self._down_since = None
             return result
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if another operation works again meanwhile."""
+        if self._back is None:
+            self._back = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._back.wait(), seconds)
 
     def _log(self, exc: BaseException, what: str) -> None:
         text = explain_redis_error(exc, self.redis_url)

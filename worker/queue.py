@@ -39,10 +39,12 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer.keys import Keys
-from producer.topology import async_client
+from producer.topology import Kind, async_client, describe
 
 from .records import DeliveryRecord, Status
 
@@ -299,7 +301,9 @@ return items
 #   1. KEYS: sent:<id>, sending:<id>: 'sent', 'claimed' or 'held <their claim>';
 #   2. KEYS: the same + worker:<their wid>; ARGV[3] = their claim as read, ARGV[4] = their
 #      nonce: 'busy' while that run's heartbeat lives, else the claim is taken over
-#      ('claimed'); 'held <claim>' again if the claim changed hands in between.
+#      ('claimed'); 'held <claim>' again if the claim changed hands in between. ARGV[4] = ''
+#      takes it over at once: a claim of this very run that none of its handlings holds
+#      (its release was lost, with a Sentinel master that died before replicating it).
 # A claim that names no owner (not "<wid>|<nonce>|...") is taken over at once.
 CLAIM = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'sent' end
@@ -307,7 +311,7 @@ local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= ARGV[1] and string.match(cur, '^[^|]*|[^|]*|') then
   if cur ~= ARGV[3] then return 'held ' .. cur end
   local hb = redis.call('GET', KEYS[3])
-  if hb and string.find(hb, ARGV[4], 1, true) then return 'busy' end
+  if ARGV[4] ~= '' and hb and string.find(hb, ARGV[4], 1, true) then return 'busy' end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 'claimed'
@@ -476,14 +480,20 @@ def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
     """An asyncio Redis client for the worker (no decoding: events are bytes), for any
     topology of ``url`` (:mod:`producer.topology`): on Sentinel it follows the master through
     a failover; on a Cluster it is redis-py's cluster client, which offers every command the
-    worker sends (all of its keys are in one slot) and is typed as a ``Redis`` here."""
-    client = async_client(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout + 5.0,  # above the blocking fetch's wait
-        health_check_interval=30,
-    )
-    return cast(aredis.Redis, client)
+    worker sends (all of its keys are in one slot) and is typed as a ``Redis`` here.
+
+    Standalone and Sentinel clients make no retries of their own (redis-py's default tries
+    a command up to ten times more, for seconds): the worker's guard (:mod:`worker.outage`)
+    retries, and so sees every failed call, including a fetch whose reply was lost after
+    Redis had moved the events (the fetch loop then returns them to the queue)."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout + 5.0,  # above the blocking fetch's wait
+        "health_check_interval": 30,
+    }
+    if describe(url).kind != Kind.CLUSTER:
+        options["retry"] = Retry(NoBackoff(), 0)
+    return cast(aredis.Redis, async_client(url, **options))
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +549,9 @@ class Queue:
         self.nonce = uuid.uuid4().hex[:16]
         self.owner = f"{worker_id}|{self.nonce}"
         self.claim_ttl_ms = 15 * 60 * 1000
+        # The claims this run holds (claimed or being claimed, not yet released): another
+        # claim of this run found on an id is stale (see CLAIM).
+        self._claims: set[str] = set()
         self._claim = redis.register_script(CLAIM)
         self._release = redis.register_script(RELEASE)
         self._fan_out = redis.register_script(FAN_OUT)
@@ -642,20 +655,25 @@ class Queue:
         with the same claim (a retry after a lost reply) finds it ours."""
         keys = [self.keys.sent(claim.event_id), self.keys.sending(claim.event_id)]
         args: list[Any] = [claim.value, self.claim_ttl_ms]
+        self._claims.add(claim.value)  # before the call: a claim in flight is a live one
         res = _s(cast(bytes, await self._batch.call(self._claim, keys, args)))
         for _ in range(CLAIM_HANDOVERS):
             if not res.startswith("held "):
-                return res
+                break
             theirs = res.removeprefix("held ")
             wid, nonce, _token = theirs.split("|", 2)
+            stale = f"{wid}|{nonce}" == self.owner and theirs not in self._claims
             res = _s(
                 cast(
                     bytes,
                     await self._claim(
-                        keys=[*keys, self.keys.heartbeat(wid)], args=[*args, theirs, nonce]
+                        keys=[*keys, self.keys.heartbeat(wid)],
+                        args=[*args, theirs, "" if stale else nonce],
                     ),
                 )
             )
+        if res != "claimed":
+            self._claims.discard(claim.value)
         return "busy" if res.startswith("held ") else res
 
     @_guarded("release")
@@ -668,8 +686,15 @@ class Queue:
         args = [c.value for c in claims]
         if pipe is None:
             await self._release(keys=keys, args=args)
+            self._released(claims)
         else:
             await _pipelined(pipe, self._release, keys, args)
+
+    def _released(self, claims: Sequence[Claim | None]) -> None:
+        """Forget claims whose release Redis has run (once the call returned)."""
+        for claim in claims:
+            if claim is not None:
+                self._claims.discard(claim.value)
 
     # ------------------------------------------------------------------ settle
     def _record(self, pipe: Any, record: DeliveryRecord) -> None:
@@ -694,6 +719,7 @@ class Queue:
             ],
             [raw, self.sent_ttl_s, record.to_json(), self.deliveries_kept, claim.value],
         )
+        self._released([claim])
         return int(cast(int, res)) == 1
 
     async def _settle(
@@ -726,6 +752,7 @@ class Queue:
                 *_counters(record),
             ],
         )
+        self._released([claim])
         return int(cast(int, res)) == 1
 
     @_guarded("drop")
@@ -795,6 +822,7 @@ class Queue:
         self._record(pipe, record)
         pipe.hincrby(self.keys.counters, "retried", 1)
         await pipe.execute()
+        self._released([claim])
 
     @_guarded("requeue")
     async def requeue(self, raw: bytes, record: DeliveryRecord, claim: Claim | None = None) -> bool:
@@ -918,6 +946,7 @@ class Queue:
         self._record(pipe, record)
         pipe.hincrby(self.keys.counters, "digested", len(raws))
         await pipe.execute()
+        self._released(claims)
 
     # ------------------------------------------------------------------ pause flag
     @_guarded("pause flag")

@@ -85,6 +85,7 @@ class Worker:
         # What this worker holds of its processing list (fetched, not yet settled): after a
         # lost reply on the fetch path the rest is returned to the queue (reconcile).
         self._held: Counter[bytes] = Counter()
+        self._reconciled_at = 0  # the guard's error count at the last reconcile
         self._free = asyncio.Semaphore(settings.concurrency)
         self._inflight = 0
         self._stop = asyncio.Event()
@@ -313,7 +314,6 @@ class Worker:
             while taken < s.fetch_batch and not self._free.locked():
                 await self._free.acquire()
                 taken += 1
-            errors_before = self.guard.errors
             try:
                 # A batch when the queue may be deep; once one came back short the queue is
                 # empty, so wait on BLMOVE directly (one round trip an event, not two).
@@ -336,7 +336,7 @@ class Worker:
             for raw in items:
                 self._held[raw] += 1
                 self._work.put_nowait(_EventJob(raw, now, self._epoch))
-            if self.guard.errors != errors_before:
+            if self.guard.errors != self._reconciled_at:
                 await self._reconcile()
             for _ in range(taken - len(items)):
                 self._free.release()
@@ -372,8 +372,13 @@ class Worker:
         await self.queue.set_paused(None)
 
     async def _reconcile(self) -> None:
-        """A fetch was retried after a Redis error: the lost reply may have moved events
-        into our processing list that we never received; put them back in the queue."""
+        """An operation was retried after a Redis error since the last look: put back in the
+        queue what is in our processing list but not held here. A fetch whose reply was lost
+        may have moved events there that we never received; after a Sentinel failover the new
+        master may hold events that this worker settled on the old one, the settlement lost
+        with it (not yet replicated). The error may have been seen by another loop (the lanes
+        waiting out the failover in their acks while the fetch loop waited for a free lane)."""
+        self._reconciled_at = self.guard.errors
         held = list(self._held.elements())
         moved = await self.queue.reconcile(held)
         if moved:

@@ -1,0 +1,457 @@
+"""Redis Sentinel failover with real processes (issue 13): nothing acknowledged is lost.
+
+A Sentinel set of our own (worker/devtools/redis_topology.py: a master, two replicas, three
+sentinels, quorum 2, down-after-milliseconds 1000, failover-timeout 10 s rather than the
+set's 2 s, both passwords), two ``notifier run``
+processes with ``REDIS_URL`` = the set's ``redis+sentinel://`` URL, each delivering to an
+aiosmtpd server of its own (so that the test sees which worker delivered what), and two
+producer threads, each with its own ``producer.Notifier(url, replicas=1)``.
+
+Two replicas, not one: with one, the failover promotes it and leaves the new master without
+a replica, so every ``replicas=1`` send after the kill raises ``NotifierNotReplicated``
+(queued, not confirmed) until the old host is back and the sentinels have made it a replica
+(they wait 8 s after it reappears), and each of those sends waits ``replica_timeout_ms``:
+nothing after the kill could be acknowledged. With two, the second replica follows the new
+master within a second and acknowledgements resume. (The failover-timeout: once, with 2 s,
+on a loaded machine, a run saw 102 unconfirmed sends after the kill and 145 duplicates, as
+if the new master had been demoted and its writes rolled back by a second promotion; not
+seen again in 40 runs. Sentinel's default is 3 minutes.)
+
+The run: 500 events (unique ids) at a steady pace; after a third of them the master is
+killed with SIGKILL. A send that raises ``NotifierUnavailable`` (refused, or timed out) was
+not acknowledged: the producer re-sends it with the same id (the documented safe re-send)
+at its next steps until one returns. One that raises ``NotifierNotReplicated`` is queued
+on the master, not confirmed: recorded, not re-sent.
+
+What counts:
+
+- acknowledged: events of which one send returned (queued on the master and confirmed by a
+  replica);
+- lost: acknowledged events never delivered; must be 0;
+- duplicates: deliveries beyond the first of an id;
+- in flight at the kill: the events the workers held around the kill, as Redis knew it: in
+  the workers' processing lists on the master just before the kill, or on the replica that
+  became the new master just after it (an event settled on the master whose settlement had
+  not reached that replica is there again), plus the events delivered before the kill that
+  this replica still had in its queue (taken from the queue on the master in the instant
+  before the kill, the move not yet replicated). Every duplicate must be one of them;
+- seconds to resume: from the kill to the first delivery of an event queued after it.
+
+Run with ``pytest -s`` to see the figures. The other tests: a worker started while the
+sentinels name no master waits and stops on SIGTERM like one started against an unreachable
+Redis; a claim whose release the failover lost; the guard through an election.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Notifier, NotifierNotReplicated, NotifierUnavailable
+from producer.event import Event, event_from_dict
+from producer.keys import Keys
+from producer.redis_errors import redacted_url
+from producer.topology import sync_client
+from tests.support.helpers import (
+    PREFIX,
+    QUEUE,
+    delivered,
+    log_of,
+    raw_ids,
+    slow_down,
+    unsettled,
+    wait_delivered,
+    wait_for_log,
+    wait_started,
+    wait_until,
+)
+from worker.devtools.redis_topology import SentinelSet
+from worker.devtools.smtp_server import SMTPTestServer
+from worker.outage import RedisGuard
+from worker.queue import Queue, connect
+from worker.records import DeliveryRecord, Status
+
+PASSWORD = "pw-Failover-Master-3c9e"
+SENTINEL_PASSWORD = "pw-Failover-Sentinel-8a71"
+EVENTS = 500
+PRODUCERS = 2
+PACE_S = 0.03  # each producer: one event every 30 ms (about 67 events a second in all)
+KILL_AFTER = EVENTS // 3
+WORKERS = ("failover-w1", "failover-w2")
+WORKER_SETTINGS = {"retry_base_s": 0.05, "retry_max_s": 0.5, "concurrency": 4}
+
+
+@pytest.fixture
+def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+    servers = SentinelSet(
+        tmp_path / "sentinel-set",
+        replicas=2,
+        failover_timeout_ms=10_000,
+        password=PASSWORD,
+        sentinel_password=SENTINEL_PASSWORD,
+    )
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+# -- producers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Sends:
+    """What the producers saw, shared by their threads (under ``lock``)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    attempted: int = 0  # events tried at least once
+    acked: dict[str, float] = field(default_factory=dict)  # id -> when a send returned
+    unconfirmed: dict[str, float] = field(default_factory=dict)  # NotifierNotReplicated
+    # failed sends: (when, exception class, message)
+    errors: list[tuple[float, str, str]] = field(default_factory=list)
+    deferred: set[str] = field(default_factory=set)  # ids not queued at their step
+    unsent: list[str] = field(default_factory=list)  # ids never acknowledged in the end
+
+    def queued_at(self, event_id: str) -> float | None:
+        """When the event was first known to be queued (acknowledged or not)."""
+        times = [t for t in (self.acked.get(event_id), self.unconfirmed.get(event_id)) if t]
+        return min(times, default=None)
+
+
+def _event(producer: int, n: int) -> Event:
+    return event_from_dict(
+        {
+            "id": f"p{producer}-{n:03d}",
+            "subject": f"failover test {producer}/{n}",
+            "strategy": f"producer-{producer}",
+            "ts": time.time(),
+        }
+    )
+
+
+def _produce(producer: int, url: str, sends: Sends, start: float, count: int) -> None:
+    """Send ``count`` events at ``PACE_S``; re-send the unacknowledged ones (same id) at
+    each step until one send returns, and after the last event until all have."""
+    backlog: list[Event] = []
+
+    def attempt(notifier: Notifier, event: Event) -> bool:
+        """True when the event is queued (acknowledged or not), False to send it again."""
+        assert event.id is not None
+        try:
+            notifier.send_event(event)
+        except NotifierNotReplicated:
+            with sends.lock:
+                sends.unconfirmed.setdefault(event.id, time.time())
+            return True
+        except NotifierUnavailable as exc:
+            with sends.lock:
+                sends.errors.append((time.time(), type(exc).__name__, str(exc)))
+            return False
+        with sends.lock:
+            sends.acked[event.id] = time.time()
+        return True
+
+    def drain(notifier: Notifier) -> None:
+        while backlog and attempt(notifier, backlog[0]):
+            backlog.pop(0)
+
+    with Notifier(url, replicas=1) as notifier:
+        for n in range(count):
+            time.sleep(max(0.0, start + n * PACE_S - time.monotonic()))
+            event = _event(producer, n)
+            with sends.lock:
+                sends.attempted += 1
+            if backlog or not attempt(notifier, event):
+                backlog.append(event)
+                with sends.lock:
+                    sends.deferred.add(str(event.id))
+            drain(notifier)
+        deadline = time.monotonic() + 20
+        while backlog and time.monotonic() < deadline:
+            drain(notifier)
+            time.sleep(0.05)
+    with sends.lock:
+        sends.unsent += [str(event.id) for event in backlog]
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def _held(address: tuple[str, int]) -> tuple[set[str], set[str]]:
+    """(ids in the workers' processing lists, ids in the queue) on one server."""
+    with redis.Redis(host=address[0], port=address[1], password=PASSWORD) as client:
+        pipe = client.pipeline(transaction=False)
+        for wid in WORKERS:
+            pipe.lrange(f"{PREFIX}:processing:{wid}", 0, -1)
+        pipe.lrange(QUEUE, 0, -1)
+        *lists, queue = pipe.execute()
+    return set().union(*(raw_ids(x) for x in lists)), raw_ids(queue)
+
+
+def _all_delivered(servers: list[SMTPTestServer]) -> Counter[str]:
+    got: Counter[str] = Counter()
+    for smtp in servers:
+        got.update(delivered(smtp))
+    return got
+
+
+def test_workers_and_producers_survive_a_sentinel_failover(
+    sentinel_set: SentinelSet,
+    smtp_factory: Callable[..., SMTPTestServer],
+    worker_env: Callable[..., dict[str, str]],
+    worker_proc,
+) -> None:
+    url = sentinel_set.url
+    smtps = [smtp_factory() for _ in WORKERS]
+    for smtp in smtps:
+        slow_down(smtp, 0.02, "MAIL")  # a few events in flight at any time
+    procs = [
+        worker_proc(worker_env(url, smtp, worker_id=wid, **WORKER_SETTINGS))
+        for wid, smtp in zip(WORKERS, smtps, strict=True)
+    ]
+    for proc in procs:
+        wait_started(proc)
+
+    sends = Sends()
+    start = time.monotonic() + 0.1
+    per_producer = EVENTS // PRODUCERS
+    threads = [
+        threading.Thread(target=_produce, args=(p, url, sends, start, per_producer), daemon=True)
+        for p in range(1, PRODUCERS + 1)
+    ]
+    for thread in threads:
+        thread.start()
+
+    # -- the kill, with what the workers held around it
+    wait_until(lambda: sends.attempted >= KILL_AFTER, 20, f"{KILL_AFTER} events sent")
+    old = sentinel_set.master_address()
+    replicas = [("127.0.0.1", s.port) for s in sentinel_set.data if s.port != old[1]]
+    master_processing, _ = _held(old)
+    kill_started = time.time()
+    sentinel_set.kill_master()
+    killed_at = time.time()
+    survived = {address: _held(address) for address in replicas}  # before any promotion
+    delivered_before_kill = {
+        str(m.message["X-Notifier-Event-Id"])
+        for smtp in smtps
+        for m in smtp.messages
+        if m.received_at < killed_at
+    }
+    new, failover_s = sentinel_set.wait_failover()
+    assert new != old
+    replica_processing, replica_queue = survived[new]
+    in_flight = master_processing | replica_processing | (delivered_before_kill & replica_queue)
+
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a producer hung"
+
+    # -- every acknowledged event delivered, nothing stranded
+    acked = set(sends.acked)
+    queued = acked | set(sends.unconfirmed)
+    wait_until(
+        lambda: acked <= set(_all_delivered(smtps)), 15, "every acknowledged event delivered"
+    )
+    client = sync_client(url)
+    try:
+        wait_until(lambda: not unsettled(client), 15, "nothing left in queue or processing")
+    finally:
+        client.close()
+    got = _all_delivered(smtps)
+    lost = acked - set(got)
+    duplicates = {i: n - 1 for i, n in got.items() if n > 1}
+    pushed_after = {i for i in queued if (sends.queued_at(i) or 0) > killed_at}
+    resumed = min(
+        (
+            m.received_at
+            for smtp in smtps
+            for m in smtp.messages
+            if str(m.message["X-Notifier-Event-Id"]) in pushed_after
+        ),
+        default=None,
+    )
+    election_errors = Counter(kind for t, kind, _ in sends.errors if t >= kill_started)
+    print(
+        f"\nsentinel failover: events {EVENTS}, acknowledged {len(acked)}, queued unconfirmed "
+        f"{len(set(sends.unconfirmed) - acked)}, delivered {len(got)}, lost {len(lost)}, "
+        f"duplicates {sum(duplicates.values())}, in flight at the kill {len(in_flight)}, "
+        f"new master named {failover_s:.2f} s after the kill, delivery resumed after "
+        f"{resumed - killed_at if resumed else float('nan'):.2f} s; producers: failed sends "
+        f"during the election {dict(election_errors)}, {len(sends.deferred)} events re-sent"
+    )
+
+    assert not sends.unsent, f"never acknowledged: {sends.unsent[:10]}"
+    assert not lost, f"{len(lost)} acknowledged events never delivered: {sorted(lost)[:10]}"
+    assert not set(sends.unconfirmed) - set(got), "a queued (unconfirmed) event was lost"
+    assert set(duplicates) <= in_flight, (
+        f"duplicates of events not in flight at the kill: {sorted(set(duplicates) - in_flight)}"
+    )
+    assert sum(duplicates.values()) <= len(in_flight)
+    assert resumed is not None, "no event pushed after the kill was delivered"
+    before = [message for t, _, message in sends.errors if t < kill_started]
+    assert not before, f"producer errors before the kill: {before[:3]}"
+
+    # -- both workers alive, and each still delivering
+    for proc in procs:
+        assert proc.poll() is None, log_of(proc)[-3000:]
+    for smtp, wid in zip(smtps, WORKERS, strict=True):
+        after = [m for m in smtp.messages if m.received_at > killed_at + failover_s]
+        assert after, f"worker {wid} delivered nothing after the failover"
+    with Notifier(url) as notifier:
+        last = [notifier.send(f"after the failover {n}", id=f"after-{n}") for n in range(8)]
+    wait_until(lambda: set(last) <= set(_all_delivered(smtps)), 10, "deliveries after the run")
+    for proc in procs:
+        assert "Traceback" not in log_of(proc), log_of(proc)[-3000:]
+        assert PASSWORD not in log_of(proc) and SENTINEL_PASSWORD not in log_of(proc)
+    if duplicates:
+        print(f"duplicates: {json.dumps(duplicates)}")
+
+
+# -- start-up without a master -----------------------------------------------------------------
+
+
+def _master_down(servers: SentinelSet) -> bool:
+    """Every sentinel sees the master down (and, its replica stopped, none to promote)."""
+    for host, port in servers.sentinel_addresses:
+        with redis.Redis(host=host, port=port, password=SENTINEL_PASSWORD) as sentinel:
+            state = sentinel.sentinel_master(servers.service)
+        if not state["is_sdown"]:
+            return False
+    return True
+
+
+def test_a_worker_started_while_the_sentinels_name_no_master_waits_then_delivers(
+    sentinel_set: SentinelSet,
+    smtp_server: SMTPTestServer,
+    worker_env: Callable[..., dict[str, str]],
+    worker_proc,
+) -> None:
+    """As against an unreachable plain Redis (tests/test_lifecycle_edges.py): one line that
+    names REDIS_URL (passwords masked), alive while it waits, exit 0 within a second on
+    SIGTERM; and once the master is back it starts and delivers without a restart."""
+    master_address = sentinel_set.master_address()
+    for server in sentinel_set.data:
+        if server.port != master_address[1]:
+            server.stop()  # no replica: nothing to promote
+    master = sentinel_set.server_at(master_address)
+    master.kill()
+    wait_until(lambda: _master_down(sentinel_set), 10, "the sentinels to see the master down")
+
+    env = worker_env(sentinel_set.url, smtp_server, **WORKER_SETTINGS)
+    stopped, waiting = worker_proc(env), worker_proc(env)
+    for proc in (stopped, waiting):
+        log = wait_for_log(proc, "Redis unreachable during connect")
+        (line,) = [x for x in log.splitlines() if "Redis unreachable" in x]
+        assert redacted_url(sentinel_set.url) in line, line
+        assert "NOTIFIER_REDIS_URL" in line and "mymaster" in line, line
+        assert PASSWORD not in log and SENTINEL_PASSWORD not in log
+    time.sleep(1.0)
+    assert stopped.poll() is None and waiting.poll() is None, log_of(stopped)
+
+    stopped.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    rc = stopped.wait(timeout=10)
+    took = time.monotonic() - began
+    assert rc == 0 and took < 1.0, (rc, took, log_of(stopped)[-2000:])
+
+    master.start()  # the same port: the sentinels see it up again
+    wait_started(waiting)
+    with Notifier(sentinel_set.url) as notifier:
+        notifier.send("the master is back", id="after-restart")
+    wait_delivered(smtp_server, ["after-restart"], 10)
+    log = log_of(waiting)
+    assert log.count("Redis unreachable") == 1 and "Traceback" not in log, log
+
+
+# -- a settlement the failover lost ------------------------------------------------------------
+
+
+async def test_a_claim_whose_release_a_failover_lost_does_not_hold_its_event(redis_url: str):
+    """A worker delivered an event and settled it on the old master, which died before the
+    replica had the settlement: the new master still holds the event in the worker's
+    processing list (the worker returns it to the queue) and the worker's claim on its id,
+    without the sent mark. When the worker meets that claim again it takes it over: no
+    handling of its own holds it. A claim it still uses, or another live worker's, makes
+    it wait as before (a recheck a second later; the other worker's stale claim is taken
+    over by this one when it fetches the event)."""
+    client = connect(redis_url)
+    try:
+        keys = Keys(PREFIX)
+        mine, other = Queue(client, keys, "w1"), Queue(client, keys, "w2")
+        for q in (mine, other):
+            await q.heartbeat({"nonce": q.nonce})
+        raw = json.dumps({"id": "e1", "subject": "settled on the old master"}).encode()
+        await client.rpush(mine.processing, raw)
+        first = mine.claim_for("e1", "first")
+        assert await mine.claim(first) == "claimed"
+        assert await mine.claim(mine.claim_for("e1", "second")) == "busy"  # first in use
+        assert await other.claim(other.claim_for("e1", "x")) == "busy"
+        record = DeliveryRecord(t=time.time(), status=Status.SENT, id="e1")
+        assert await mine.ack(raw, first, record)
+
+        # what the new master holds: the state before the ack, the claim still there
+        await client.delete(keys.sent("e1"))
+        await client.set(keys.sending("e1"), first.value)
+        await client.rpush(mine.processing, raw)
+        assert await mine.reconcile([]) == 1  # not held: back to the queue
+        assert await other.claim(other.claim_for("e1", "y")) == "busy"  # w1 lives
+        again = mine.claim_for("e1", "again")
+        assert await mine.claim(again) == "claimed"  # its own stale claim, taken over
+        assert await client.get(keys.sending("e1")) == again.value.encode()
+    finally:
+        await client.aclose()
+
+
+# -- the guard through an election -------------------------------------------------------------
+
+
+async def test_the_guard_retries_a_broken_connection_at_once_and_wakes_the_waiting_ops(caplog):
+    """A connection that broke (Redis restarted, the master changed) costs one unlogged try
+    on a new one; an outage is logged once, and when one operation (the heartbeat, retried
+    at least every second) reaches the new master, the others try again at once instead of
+    at the end of their back-off (up to 5 s)."""
+    guard = RedisGuard(
+        f"redis+sentinel://:{PASSWORD}@127.0.0.1:1/mymaster/0?sentinel_password={SENTINEL_PASSWORD}"
+    )
+    calls = Counter[str]()
+
+    async def broken_once() -> str:
+        calls["broken"] += 1
+        if calls["broken"] == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="worker.outage"):
+        assert await guard(broken_once, "fetch") == "ok"
+    assert calls["broken"] == 2 and caplog.records == []
+    assert guard.errors == 1  # (the fetch loop reconciles on it)
+
+    back = asyncio.Event()  # the new master is named
+
+    async def until_back() -> str:
+        calls["slow"] += 1
+        if not back.is_set():
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    started = time.monotonic()
+    waiting = asyncio.create_task(guard(until_back, "fetch"))
+    await asyncio.sleep(1.5)  # tries at 0, 0.2, 0.6, 1.4, then not before 3.0
+    back.set()
+    assert await guard(until_back, "heartbeat", urgent=True) == "ok"
+    assert await asyncio.wait_for(waiting, 0.5) == "ok"
+    assert time.monotonic() - started < 2.0
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and "Redis unreachable during fetch" in logged[0], logged
+    assert "reachable again" in logged[1] and PASSWORD not in "".join(logged)
