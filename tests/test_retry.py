@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from producer.keys import Keys
 from worker.queue import Queue
-from worker.retry import backoff
+from worker.retry import Cooldown, backoff
 
 
 class FixedRandom(random.Random):
@@ -72,6 +72,48 @@ def test_floor_is_a_tenth_of_base():
         assert backoff(n, base=1.0, cap=300.0, rng=FixedRandom(0.0)) == pytest.approx(0.1)
         assert backoff(n, base=0.05, cap=0.5, rng=FixedRandom(0.0)) == pytest.approx(0.005)
     assert backoff(1, base=2.0, cap=300.0, rng=FixedRandom(0.01)) == pytest.approx(0.2)
+
+
+class ShortThenLong(random.Random):
+    """The unluckiest draws for a probe: the shortest wait every time, then the longest."""
+
+    def __init__(self, short: int) -> None:
+        super().__init__(0)
+        self.short = short
+
+    def uniform(self, a: float, b: float) -> float:
+        self.short -= 1
+        return a if self.short >= 0 else b
+
+
+@pytest.mark.parametrize("short", [3, 6, 9, 12])
+def test_a_cool_down_never_outgrows_the_outage_it_follows(short):
+    """Whatever the draws, a resource probed each time its cool-down runs out (every probe
+    failing) is probed again within twice the time since its first failure, plus base: once
+    it is back, the wait is bounded by the outage (the SMTP outage test's promise). Full
+    jitter broke it: short draws kept the outage short while the ceiling doubled."""
+    now = [0.0]
+    cooldown = Cooldown(lambda: now[0], rng=ShortThenLong(short))
+    base, cap = 0.05, 15.0
+    for _ in range(short + 1):
+        delay = cooldown.trip(base=base, cap=cap)
+        assert delay is not None
+        assert delay <= 2 * now[0] + base, (now[0], delay)
+        now[0] = cooldown.until  # the probe fails as soon as it may run
+    assert cooldown.trip(base=base, cap=cap) is not None
+
+
+def test_a_running_cool_down_is_one_incident():
+    now = [0.0]
+    cooldown = Cooldown(lambda: now[0], rng=FixedRandom(1.0))
+    assert cooldown.trip(base=1.0, cap=60.0) == 1.0
+    now[0] = 0.5
+    assert cooldown.trip(base=1.0, cap=60.0) is None  # every lane failing at once
+    now[0] = 1.0
+    assert cooldown.trip(base=1.0, cap=60.0) == 2.0
+    assert cooldown.trip(base=1.0, cap=60.0, jitter=False) is None
+    cooldown.reset()
+    assert cooldown.trip(base=1.0, cap=60.0, jitter=False) == 1.0
 
 
 def test_seeded_rng_is_reproducible_and_seeds_differ():

@@ -36,10 +36,19 @@ class Cooldown:
 
     Tripping it while it runs is the same incident (every lane fails at once when a server
     goes away): nothing changes. Only a trip after it ran out, i.e. a failed probe, makes
-    the next one longer (:func:`backoff` of the number of such trips)."""
+    the next one longer: the :func:`backoff` ceiling of the number of such trips, with
+    "equal jitter" (uniform in ``[ceiling / 2, ceiling]``) rather than the full jitter of an
+    event's retries. A probe is one per resource, not a herd, and half a ceiling as a floor
+    bounds the wait after the resource comes back: the cool-downs so far add up to at least
+    half the next ceiling, so the next probe comes within twice the outage (plus ``base``).
+    With full jitter a run of short draws could let the ceiling outgrow the outage (a 3 s
+    SMTP outage was once followed by an 8.3 s cool-down)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
+    ) -> None:
         self._clock = clock
+        self._rng = rng
         self.until = 0.0
         self.trips = 0
 
@@ -51,7 +60,9 @@ class Cooldown:
         if self.remaining() > 0:
             return None
         self.trips += 1
-        delay = backoff(self.trips, base=base, cap=cap, jitter=jitter)
+        delay = backoff(self.trips, base=base, cap=cap, jitter=False)
+        if jitter:
+            delay *= (self._rng or random).uniform(0.5, 1.0)
         self.until = self._clock() + delay
         return delay
 
