@@ -318,7 +318,9 @@ def test_redis_restart_mid_run_worker_survives_and_nothing_is_lost(
 
     server.kill()  # a crash: only what appendfsync-always wrote survives (everything acked)
     r.close()
-    time.sleep(30.0)  # the outage: longer than the back-off cap and the heartbeat TTL
+    # An outage longer than the back-off cap (5 s: the guard's waits 0.2, 0.4 ... 5 s have
+    # reached it after 11.2 s) and than the heartbeat TTL (3 s): every heartbeat expired.
+    time.sleep(12.0)
     assert proc.poll() is None, log_of(proc)
     assert "Redis unreachable" in log_of(proc)
 
