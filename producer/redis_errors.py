@@ -6,15 +6,18 @@
         print(explain_redis_error(exc, url))  # one line, never a traceback, never a password
 
 Problems are told apart by exception type (redis-py maps Redis's error codes to classes) and
-by the ``OSError`` under a connection error; only ``MISCONF``, which has no class of its own,
-is recognised by the error code that starts Redis's reply.
+by the ``OSError`` under a connection error; only ``MISCONF`` and ``UNBLOCKED``, which have no
+class of their own, are recognised by the error code that starts Redis's reply.
 
 =================  ==================================  ====================================
 :class:`RedisProblem`  what happened                   :func:`is_write_refused`
 =================  ==================================  ====================================
 ``FULL``           ``OOM command not allowed ...``     yes: up, reads work, writes refused
 ``PERSISTENCE``    ``MISCONF ...`` (RDB/AOF failing)   yes
-``READONLY``       ``READONLY ...`` (a replica)        yes
+``READONLY``       ``READONLY ...`` (a replica), or    yes
+                   ``UNBLOCKED ...``: a blocking
+                   command ended by the server turning
+                   replica (a Sentinel switchover)
 ``AUTH``           ``NOAUTH`` / ``WRONGPASS``          no (nothing works)
 ``NO_PERMISSION``  ``NOPERM`` (ACL)                    no
 ``LOADING``        ``LOADING`` (reading its data set)  no (transient)
@@ -57,6 +60,7 @@ _URL_FORM = "redis://:PASSWORD@host:port/db"
 # An error code at the start of Redis's reply, or after redis-py's pipeline annotation
 # ("Command # 1 (LPUSH ...) of pipeline caused error: MISCONF ...").
 _MISCONF = re.compile(r"(?:^|error: )MISCONF\b")
+_UNBLOCKED = re.compile(r"(?:^|error: )UNBLOCKED\b")
 _URL_PASSWORD = re.compile(r"\b((?:rediss?|unix)(?:\+(?:sentinel|cluster))?://[^:@/\s]*):[^@\s]*@")
 # ?sentinel_password=..., &password=...: in a URL's query or in an error's text
 _QUERY_PASSWORD = re.compile(r"((?:^|(?<=[?&;\s]))[\w.-]*password=)[^&;#\s'\"]*", re.IGNORECASE)
@@ -130,8 +134,12 @@ def _classify_one(exc: BaseException) -> RedisProblem | None:
     if isinstance(exc, rex.BusyLoadingError):
         return RedisProblem.LOADING
     if isinstance(exc, rex.ResponseError):
-        # MISCONF has no redis-py class; its code stays at the start of the reply.
-        return RedisProblem.PERSISTENCE if _MISCONF.search(str(exc)) else RedisProblem.OTHER
+        # MISCONF and UNBLOCKED have no redis-py class; the code starts the reply.
+        if _MISCONF.search(str(exc)):
+            return RedisProblem.PERSISTENCE
+        if _UNBLOCKED.search(str(exc)):  # "... instance state changed (master -> replica?)"
+            return RedisProblem.READONLY
+        return RedisProblem.OTHER
     if isinstance(exc, rex.TimeoutError | TimeoutError):  # socket.timeout is TimeoutError
         return RedisProblem.TIMEOUT
     if isinstance(exc, socket.gaierror):

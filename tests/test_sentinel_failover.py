@@ -1,27 +1,21 @@
 """Redis Sentinel failover with real processes (issue 13): nothing acknowledged is lost.
 
 A Sentinel set of our own (worker/devtools/redis_topology.py: a master, two replicas, three
-sentinels, quorum 2, down-after-milliseconds 1000, failover-timeout 10 s rather than the
-set's 2 s, both passwords), two ``notifier run``
-processes with ``REDIS_URL`` = the set's ``redis+sentinel://`` URL, each delivering to an
-aiosmtpd server of its own (so that the test sees which worker delivered what), and two
-producer threads, each with its own ``producer.Notifier(url, replicas=1)``.
-
-Two replicas, not one: with one, the failover promotes it and leaves the new master without
-a replica, so every ``replicas=1`` send after the kill raises ``NotifierNotReplicated``
-(queued, not confirmed) until the old host is back and the sentinels have made it a replica
-(they wait 8 s after it reappears), and each of those sends waits ``replica_timeout_ms``:
-nothing after the kill could be acknowledged. With two, the second replica follows the new
-master within a second and acknowledgements resume. (The failover-timeout: once, with 2 s,
-on a loaded machine, a run saw 102 unconfirmed sends after the kill and 145 duplicates, as
-if the new master had been demoted and its writes rolled back by a second promotion; not
-seen again in 40 runs. Sentinel's default is 3 minutes.)
+sentinels, quorum 2, down-after-milliseconds 1000, both passwords, failover-timeout 10 s
+rather than the set's 2 s), two ``notifier run`` processes with ``REDIS_URL`` = the set's
+``redis+sentinel://`` URL, each delivering to an aiosmtpd server of its own (so that the
+test sees which worker delivered what), and two producer threads, each with its own
+``producer.Notifier(url, replicas=1)``.
 
 The run: 500 events (unique ids) at a steady pace; after a third of them the master is
 killed with SIGKILL. A send that raises ``NotifierUnavailable`` (refused, or timed out) was
 not acknowledged: the producer re-sends it with the same id (the documented safe re-send)
-at its next steps until one returns. One that raises ``NotifierNotReplicated`` is queued
-on the master, not confirmed: recorded, not re-sent.
+at its next steps until one returns. One that raises ``NotifierNotReplicated`` is queued on
+the master, not confirmed: recorded, not re-sent. Then a shorter run (150 events) in which
+the master is frozen with SIGSTOP instead: its connections stay open and silent, as when
+its host is lost or cut off (no FIN, no RST); a worker learns it from the sentinels, which
+it asks every second, and resumes with the new master instead of at its 10 s socket
+timeout.
 
 What counts:
 
@@ -35,7 +29,17 @@ What counts:
   not reached that replica is there again), plus the events delivered before the kill that
   this replica still had in its queue (taken from the queue on the master in the instant
   before the kill, the move not yet replicated). Every duplicate must be one of them;
-- seconds to resume: from the kill to the first delivery of an event queued after it.
+- seconds to resume: from the kill to the first delivery of an event first sent after it.
+
+Two replicas, not one: with one, the failover promotes it and leaves the new master without
+a replica, so every ``replicas=1`` send after the kill raises ``NotifierNotReplicated``
+(queued, not confirmed), each after waiting ``replica_timeout_ms``, until the old host is
+back and the sentinels have made it a replica (8 s after it reappears): nothing sent after
+the kill could be acknowledged. With two, the other replica follows the new master within
+a second. The failover-timeout: once, with 2 s, on a loaded machine, a run saw 102
+unconfirmed sends after the kill and 145 duplicates, as if the new master had been demoted
+and its writes rolled back by a second promotion; not seen again in 40 runs. Sentinel's
+default is 3 minutes.
 
 Run with ``pytest -s`` to see the figures. The other tests: a worker started while the
 sentinels name no master waits and stops on SIGTERM like one started against an unreachable
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -84,10 +89,8 @@ from worker.records import DeliveryRecord, Status
 
 PASSWORD = "pw-Failover-Master-3c9e"
 SENTINEL_PASSWORD = "pw-Failover-Sentinel-8a71"
-EVENTS = 500
 PRODUCERS = 2
-PACE_S = 0.03  # each producer: one event every 30 ms (about 67 events a second in all)
-KILL_AFTER = EVENTS // 3
+PACE_S = 0.02  # each producer: one event every 20 ms (about 100 events a second in all)
 WORKERS = ("failover-w1", "failover-w2")
 WORKER_SETTINGS = {"retry_base_s": 0.05, "retry_max_s": 0.5, "concurrency": 4}
 
@@ -104,6 +107,8 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     try:
         yield servers.start()
     finally:
+        for server in servers.data:
+            server.kill()  # (a frozen one too: SIGTERM would wait for it in vain)
         servers.stop()
 
 
@@ -116,17 +121,13 @@ class Sends:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     attempted: int = 0  # events tried at least once
+    first_try: dict[str, float] = field(default_factory=dict)  # id -> its step's time
     acked: dict[str, float] = field(default_factory=dict)  # id -> when a send returned
     unconfirmed: dict[str, float] = field(default_factory=dict)  # NotifierNotReplicated
     # failed sends: (when, exception class, message)
     errors: list[tuple[float, str, str]] = field(default_factory=list)
     deferred: set[str] = field(default_factory=set)  # ids not queued at their step
     unsent: list[str] = field(default_factory=list)  # ids never acknowledged in the end
-
-    def queued_at(self, event_id: str) -> float | None:
-        """When the event was first known to be queued (acknowledged or not)."""
-        times = [t for t in (self.acked.get(event_id), self.unconfirmed.get(event_id)) if t]
-        return min(times, default=None)
 
 
 def _event(producer: int, n: int) -> Event:
@@ -172,6 +173,7 @@ def _produce(producer: int, url: str, sends: Sends, start: float, count: int) ->
             event = _event(producer, n)
             with sends.lock:
                 sends.attempted += 1
+                sends.first_try[str(event.id)] = time.time()
             if backlog or not attempt(notifier, event):
                 backlog.append(event)
                 with sends.lock:
@@ -206,7 +208,24 @@ def _all_delivered(servers: list[SMTPTestServer]) -> Counter[str]:
     return got
 
 
+def _lose_master(servers: SentinelSet, how: str) -> None:
+    """kill: SIGKILL (the kernel closes its connections: every client sees it at once);
+    freeze: SIGSTOP (its connections stay open and silent, as when its host is lost or cut
+    off: a client learns it only from the sentinels, or at its socket timeout)."""
+    if how == "kill":
+        servers.kill_master()
+        return
+    address = servers.master_address()
+    server = servers.server_at(address)
+    assert server.pid is not None
+    servers.killed, servers.killed_at = address, time.monotonic()  # (for wait_failover)
+    os.kill(server.pid, signal.SIGSTOP)
+
+
+@pytest.mark.parametrize(("how", "events"), [("kill", 500), ("freeze", 150)])
 def test_workers_and_producers_survive_a_sentinel_failover(
+    how: str,
+    events: int,
     sentinel_set: SentinelSet,
     smtp_factory: Callable[..., SMTPTestServer],
     worker_env: Callable[..., dict[str, str]],
@@ -225,7 +244,7 @@ def test_workers_and_producers_survive_a_sentinel_failover(
 
     sends = Sends()
     start = time.monotonic() + 0.1
-    per_producer = EVENTS // PRODUCERS
+    per_producer = events // PRODUCERS
     threads = [
         threading.Thread(target=_produce, args=(p, url, sends, start, per_producer), daemon=True)
         for p in range(1, PRODUCERS + 1)
@@ -234,12 +253,13 @@ def test_workers_and_producers_survive_a_sentinel_failover(
         thread.start()
 
     # -- the kill, with what the workers held around it
-    wait_until(lambda: sends.attempted >= KILL_AFTER, 20, f"{KILL_AFTER} events sent")
+    kill_after = events // 3
+    wait_until(lambda: sends.attempted >= kill_after, 20, f"{kill_after} events sent")
     old = sentinel_set.master_address()
     replicas = [("127.0.0.1", s.port) for s in sentinel_set.data if s.port != old[1]]
     master_processing, _ = _held(old)
     kill_started = time.time()
-    sentinel_set.kill_master()
+    _lose_master(sentinel_set, how)
     killed_at = time.time()
     survived = {address: _held(address) for address in replicas}  # before any promotion
     delivered_before_kill = {
@@ -271,7 +291,7 @@ def test_workers_and_producers_survive_a_sentinel_failover(
     got = _all_delivered(smtps)
     lost = acked - set(got)
     duplicates = {i: n - 1 for i, n in got.items() if n > 1}
-    pushed_after = {i for i in queued if (sends.queued_at(i) or 0) > killed_at}
+    pushed_after = {i for i in queued if sends.first_try[i] > killed_at}
     resumed = min(
         (
             m.received_at
@@ -283,7 +303,7 @@ def test_workers_and_producers_survive_a_sentinel_failover(
     )
     election_errors = Counter(kind for t, kind, _ in sends.errors if t >= kill_started)
     print(
-        f"\nsentinel failover: events {EVENTS}, acknowledged {len(acked)}, queued unconfirmed "
+        f"\nsentinel failover, master {how}: events {events}, acknowledged {len(acked)}, queued unconfirmed "
         f"{len(set(sends.unconfirmed) - acked)}, delivered {len(got)}, lost {len(lost)}, "
         f"duplicates {sum(duplicates.values())}, in flight at the kill {len(in_flight)}, "
         f"new master named {failover_s:.2f} s after the kill, delivery resumed after "
@@ -299,6 +319,8 @@ def test_workers_and_producers_survive_a_sentinel_failover(
     )
     assert sum(duplicates.values()) <= len(in_flight)
     assert resumed is not None, "no event pushed after the kill was delivered"
+    # a command held by a frozen master would wait for its socket timeout (10 s)
+    assert resumed - killed_at < failover_s + 2.0, "delivery resumed late"
     before = [message for t, _, message in sends.errors if t < kill_started]
     assert not before, f"producer errors before the kill: {before[:3]}"
 
@@ -356,7 +378,7 @@ def test_a_worker_started_while_the_sentinels_name_no_master_waits_then_delivers
         assert redacted_url(sentinel_set.url) in line, line
         assert "NOTIFIER_REDIS_URL" in line and "mymaster" in line, line
         assert PASSWORD not in log and SENTINEL_PASSWORD not in log
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert stopped.poll() is None and waiting.poll() is None, log_of(stopped)
 
     stopped.send_signal(signal.SIGTERM)
@@ -455,3 +477,28 @@ async def test_the_guard_retries_a_broken_connection_at_once_and_wakes_the_waiti
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2 and "Redis unreachable during fetch" in logged[0], logged
     assert "reachable again" in logged[1] and PASSWORD not in "".join(logged)
+
+
+async def test_a_blocking_fetch_ended_by_a_switchover_is_waited_out(redis_factory):
+    """A master that a switchover turns into a replica ends its blocked BLMOVEs with
+    ``UNBLOCKED ... instance state changed (master -> replica?)``, an error without a
+    redis-py class: the worker's guard waits it out (read-only) instead of letting the
+    fetch loop die, and the fetch works once the server is a master again."""
+    first, second = redis_factory(), redis_factory()
+    client = connect(first.url)
+    guard = RedisGuard(first.url)
+    queue = Queue(client, Keys(PREFIX), "w1", guard=guard)
+    blocked = connect(first.url)
+    try:
+        fetch = asyncio.create_task(queue.fetch_blocking(blocked, 5))
+        await asyncio.sleep(0.2)
+        with redis.Redis(port=first.port) as admin:
+            admin.replicaof("127.0.0.1", second.port)
+            await asyncio.sleep(0.5)
+            assert not fetch.done() and guard.errors >= 1  # waiting it out, not raised
+            admin.replicaof("NO", "ONE")
+            admin.lpush(QUEUE, b'{"id": "e1", "subject": "after the switch"}')
+        assert await asyncio.wait_for(fetch, 5) == b'{"id": "e1", "subject": "after the switch"}'
+    finally:
+        await client.aclose()
+        await blocked.aclose()

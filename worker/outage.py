@@ -53,11 +53,12 @@ class RedisGuard:
 
     The worker's clients make no retries of their own (:func:`worker.queue.connect`): every
     failed try comes here and counts in ``errors`` (after a lost reply the fetch loop
-    returns to the queue what it did not receive: ``Worker._reconcile``). A connection that
-    broke or was refused (Redis restarted, a Sentinel failover, an idle connection that the
-    server closed) is tried once more at once, on a new connection, unlogged. After that,
-    tries back off from 0.2 s up to ``max_delay_s`` (``urgent_delay_s`` for the heartbeat)
-    and the outage is logged once. When an operation reaches Redis again after it was
+    returns to the queue what it did not receive: ``Worker._reconcile``). A connection
+    found broken or refused at once (Redis restarted, a Sentinel failover, an idle
+    connection that the server closed) is tried once more at once, on a new connection,
+    unlogged; a try that failed after waiting is not (that wait was an outage). Then tries
+    back off from 0.2 s up to ``max_delay_s`` (``urgent_delay_s`` for the heartbeat) and the
+    outage is logged once. When an operation reaches Redis again after it was
     unreachable, every operation waiting to try again tries at once: the worker follows a
     new master as soon as its heartbeat (retried at least every second) reaches it, not at
     the end of each loop's back-off.
@@ -102,8 +103,8 @@ class RedisGuard:
                 self._unreachable = self._unreachable or problem in _DOWN
                 first = failing_since is None
                 failing_since = started if failing_since is None else failing_since
-                if first and problem == RedisProblem.UNREACHABLE:
-                    continue  # a broken connection: once more at once, on a new one
+                if first and problem == RedisProblem.UNREACHABLE and self._clock() - started < 0.5:
+                    continue  # found broken at once: once more at once, on a new connection
                 if self._down_since is None:
                     self._down_since = failing_since
                     self._log(exc, what)

@@ -40,6 +40,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -48,7 +49,7 @@ from producer.topology import Kind, async_client, describe
 
 from .records import DeliveryRecord, Status
 
-__all__ = ["Claim", "Depths", "Guard", "Queue", "connect"]
+__all__ = ["Claim", "Depths", "Guard", "Queue", "connect", "follow_master"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -494,6 +495,31 @@ def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
     if describe(url).kind != Kind.CLUSTER:
         options["retry"] = Retry(NoBackoff(), 0)
     return cast(aredis.Redis, async_client(url, **options))
+
+
+async def follow_master(
+    client: aredis.Redis, on_switch: Callable[[str, str], None] | None = None
+) -> bool:
+    """Sentinel: ask the sentinels which server is the master now; if it is not the one that
+    ``client``'s connections talk to, close them all, those in use too (after calling
+    ``on_switch(old, new)`` with both addresses). A command waiting on a master that
+    vanished without closing its connections (its host lost, frozen or cut off by the
+    network) then fails at once instead of at its socket timeout, and nothing more is
+    written to an old master that a switchover demoted, in the seconds before the sentinels
+    make it a replica (and it discards what it took meanwhile). True when it switched; False
+    otherwise (no Sentinel, no change, the first look). Raises what the lookup raises
+    (:data:`producer.topology.REDIS_ERRORS`)."""
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return False
+    old: tuple[str, int] | None = pool.master_address
+    new: tuple[str, int] = await cast(Any, pool).get_master_address()  # (closes idle ones)
+    if old is None or tuple(new) == tuple(old):
+        return False
+    if on_switch is not None:
+        on_switch(f"{old[0]}:{old[1]}", f"{new[0]}:{new[1]}")
+    await pool.disconnect(inuse_connections=True)
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ Tasks of one worker process::
     scheduler  due retries -> front of the queue; due digests -> a lane
     keeper     heartbeat, recovery of dead workers' events, gauges, idle connections
     watch      strategies' signs of life; silence alerts (NOTIFIER_WATCH_FILE), every 1 s
+    master     Sentinel only: follows a new master at once (worker.queue.follow_master)
     watchdog   systemd STATUS= and WATCHDOG=1 while the loops above make progress
 
 Stop (SIGTERM/SIGINT, or :meth:`Worker.stop`): stop fetching, let in-flight sends finish
@@ -26,10 +27,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from producer.topology import Kind, describe
+
 from .core import build_core
 from .errors import ConfigurationError, SendError
 from .outage import REDIS_ERRORS, RedisGuard, running_as
-from .queue import connect
+from .queue import connect, follow_master
 from .sdnotify import ProgressMonitor, SystemdNotifier, watchdog_interval
 from .settings import Settings
 from .settle import Outcome
@@ -231,6 +234,8 @@ class Worker:
             asyncio.create_task(self.systemd.run_watchdog(self.monitor, status=self._status)),
             asyncio.create_task(self._watch_loop(), name="watch"),
         ]
+        if describe(self.settings.redis_url).kind == Kind.SENTINEL:
+            helpers.append(asyncio.create_task(self._master_loop(), name="master"))
         fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
         stop_wait: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
         try:
@@ -464,6 +469,25 @@ class Worker:
         silence of watched ones (:mod:`worker.watch`)."""
         running_as("watch")
         await self.core.watcher.run(self._stop)
+
+    async def _master_loop(self) -> None:
+        """Sentinel: every tick, ask the sentinels for the master and drop the connections
+        to an old one (:func:`worker.queue.follow_master`): a master lost without closing
+        our connections would otherwise hold each command until its socket timeout."""
+        said: list[tuple[str, str]] = []
+
+        def switching(old: str, new: str) -> None:
+            if said[-1:] != [(old, new)]:  # (once for both clients)
+                said[:] = [(old, new)]
+                logger.warning("Sentinel names a new master %s (was %s): reconnecting", new, old)
+
+        while not self._stop.is_set():
+            await asyncio.sleep(self._tick)
+            for client in (self.redis, self._blocking_redis):
+                try:
+                    await follow_master(client, switching)
+                except REDIS_ERRORS:
+                    continue  # no master named now (an election): the guard waits it out
 
     async def _heartbeat_loop(self) -> None:
         """Renew the heartbeat every quarter TTL, on its own so that nothing else (a keeper
