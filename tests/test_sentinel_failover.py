@@ -74,6 +74,7 @@ from tests.support.helpers import (
     delivered,
     log_of,
     raw_ids,
+    run_cli,
     slow_down,
     unsettled,
     wait_delivered,
@@ -361,7 +362,16 @@ def test_a_worker_started_while_the_sentinels_name_no_master_waits_then_delivers
 ) -> None:
     """As against an unreachable plain Redis (tests/test_lifecycle_edges.py): one line that
     names REDIS_URL (passwords masked), alive while it waits, exit 0 within a second on
-    SIGTERM; and once the master is back it starts and delivers without a restart."""
+    SIGTERM; and once the master is back it starts and delivers without a restart. Sentinels
+    that do not monitor the service named are a mistake that waiting does not fix: one line
+    and exit 1, no traceback."""
+    wrong = sentinel_set.url.replace("/mymaster/", "/mymastr/")
+    rc, out = run_cli(worker_proc, worker_env(wrong, smtp_server), "run", timeout=10)
+    assert rc == 1 and "Traceback" not in out, out
+    (line,) = [x for x in out.splitlines() if x.startswith("notifier run: ")]
+    assert redacted_url(wrong) in line and "does not monitor 'mymastr'" in line, line
+    assert PASSWORD not in out and SENTINEL_PASSWORD not in out
+
     master_address = sentinel_set.master_address()
     for server in sentinel_set.data:
         if server.port != master_address[1]:

@@ -332,6 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run(s, burst=args.burst)
     except SettingsError as exc:  # found at start-up, e.g. the metrics port in use
         raise CommandError(str(exc), 2) from None
+    except REDIS_ERRORS as exc:  # what waiting does not fix (the worker waits out the rest)
+        raise _redis_error(s, exc) from None
 
 
 def _producer(s: Settings) -> AsyncNotifier:
