@@ -43,7 +43,9 @@ default is 3 minutes.
 
 Run with ``pytest -s`` to see the figures. The other tests: a worker started while the
 sentinels name no master waits and stops on SIGTERM like one started against an unreachable
-Redis; a claim whose release the failover lost; the guard through an election.
+Redis (and one pointed at sentinels that do not monitor its service exits with one line); a
+claim whose release the failover lost; the guard through an election; a blocking fetch
+ended by a switchover (UNBLOCKED).
 """
 
 from __future__ import annotations
