@@ -11,7 +11,12 @@ The sentinels start already knowing each other and the replica (``known-sentinel
 as soon as the processes are, instead of after the two-second hello and ten-second INFO
 rounds that discovery would take. :meth:`SentinelSet.kill_master` kills the master with
 SIGKILL; :meth:`SentinelSet.wait_failover` returns the new master's address and the
-seconds since the kill once every sentinel names it and it answers as a master.
+seconds since the kill once every sentinel names it and it answers as a master;
+:meth:`SentinelSet.restart_old_master` starts the killed master again (same port and
+directory, empty: a host that comes back) and :meth:`SentinelSet.wait_rejoined` waits until
+the sentinels have made it a replica of the new master: 10 s after the restart (Sentinel
+reconfigures an instance that reports the wrong role only once it has done so for 8 s, and
+asks a replica for INFO every 10 s: at the second INFO after the restart).
 
 :class:`ClusterSet`: three ``--cluster-enabled`` masters with the 16384 slots split in
 three (``CLUSTER ADDSLOTSRANGE``), distinct config epochs, ``CLUSTER MEET``, ready when
@@ -216,7 +221,7 @@ class SentinelSet(LocalServer):
     def _in_sync(self, port: int) -> Callable[[], bool]:
         def check() -> bool:
             with _client((HOST, port), self.password) as r:
-                return bool(r.info("replication")["master_link_status"] == "up")
+                return bool(r.info("replication").get("master_link_status") == "up")
 
         return check
 
@@ -309,6 +314,21 @@ class SentinelSet(LocalServer):
 
         _wait(f"no failover of {self.service!r}", switched, timeout)
         return found[0], time.monotonic() - self.killed_at
+
+    def restart_old_master(self) -> RedisServer:
+        """Start the master :meth:`kill_master` killed again, on its port, in its directory,
+        as a host that comes back: a master with an empty data set (no persistence) until
+        the sentinels, which now count it a replica of the new master, send it ``REPLICAOF``
+        (see :meth:`wait_rejoined`)."""
+        assert self.killed is not None, "kill_master() first"
+        return self.server_at(self.killed).start()
+
+    def wait_rejoined(self, timeout: float = 20.0) -> float:
+        """Once the restarted old master replicates from the new one (link up): the seconds
+        since :meth:`kill_master`."""
+        assert self.killed is not None and self.killed_at is not None, "kill_master() first"
+        _wait("the old master rejoining as a replica", self._in_sync(self.killed[1]), timeout)
+        return time.monotonic() - self.killed_at
 
     def stop(self) -> None:
         for server in [*self.sentinels, *self.data]:
