@@ -532,6 +532,36 @@ async def test_the_guard_retries_a_broken_connection_at_once_and_wakes_the_waiti
     assert "reachable again" in logged[1] and PASSWORD not in "".join(logged)
 
 
+async def test_no_worker_is_taken_for_dead_until_redis_has_answered_for_a_heartbeat_ttl():
+    """After an outage longer than the heartbeat TTL every heartbeat has lapsed, the living
+    workers' too. The keeper's recovery asks ``answered_for(ttl)`` inside its guarded try:
+    False while the outage lasts (a recovery that waited through it asks again when Redis
+    answers) and for a TTL after it ends, by when the living have renewed their heartbeats.
+    Without it the first worker back returned another's events while that one was still
+    sending them: duplicates (tests/test_channels_faults.py's Redis restart, 4 runs in 6)."""
+    now = [100.0]
+    guard = RedisGuard("redis://127.0.0.1:1/0", clock=lambda: now[0])
+    assert guard.answered_for(3.0)  # no outage seen
+    gate_seen: list[bool] = []
+    tries = Counter[str]()
+
+    async def recover_like() -> str:  # what Queue.recover does with ready=
+        tries["recover"] += 1
+        gate_seen.append(guard.answered_for(3.0))
+        if tries["recover"] <= 3:
+            now[0] += 1.5  # the outage: 4.5 s, longer than the TTL
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ran"
+
+    guard._pause = lambda seconds: asyncio.sleep(0)  # type: ignore[method-assign]
+    assert await guard(recover_like, "recover") == "ran"
+    assert gate_seen == [True, False, False, False]  # the try after the outage: not yet
+    now[0] += 2.9
+    assert not guard.answered_for(3.0)
+    now[0] += 0.2
+    assert guard.answered_for(3.0)
+
+
 async def test_a_blocking_fetch_ended_by_a_switchover_is_waited_out(redis_factory):
     """A master that a switchover turns into a replica ends its blocked BLMOVEs with
     ``UNBLOCKED ... instance state changed (master -> replica?)``, an error without a

@@ -80,6 +80,7 @@ class RedisGuard:
         self.errors = 0  # operations that failed and were retried (fetch reconciles on it)
         self._down_since: float | None = None
         self._unreachable = False  # a try found Redis unreachable since the last that worked
+        self._back_at: float | None = None  # when an operation last worked after an outage
         self._back: asyncio.Event | None = None  # set when an operation works again
 
     async def __call__(
@@ -111,6 +112,8 @@ class RedisGuard:
                 await self._pause(delay)
                 delay = min(delay * 2, cap)
                 continue
+            if self._unreachable or self._down_since is not None:
+                self._back_at = self._clock()  # (see answered_for)
             if self._unreachable:  # Redis answers again: wake the operations waiting for it
                 self._unreachable = False
                 if self._back is not None:
@@ -122,6 +125,19 @@ class RedisGuard:
                 )
                 self._down_since = None
             return result
+
+    def answered_for(self, seconds: float) -> bool:
+        """Has Redis answered for at least ``seconds`` since the last outage this guard saw
+        ended (True if it saw none)? After an outage longer than the heartbeat TTL every
+        worker's heartbeat has lapsed, the living ones' too: the keeper waits a TTL before
+        taking any worker for dead, so that those that are alive have renewed theirs (each
+        within a quarter TTL) and keep their in-flight events. Without the wait, the first
+        worker back would return them to the queue while their owners were still sending
+        them, and the events would be sent twice. False during an outage: call it inside the
+        guarded operation (a try that waited through the outage asks again)."""
+        if self._unreachable or self._down_since is not None:
+            return False  # an outage now: after it, its end counts
+        return self._back_at is None or self._clock() - self._back_at >= seconds
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if another operation works again meanwhile."""

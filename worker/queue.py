@@ -626,10 +626,16 @@ class Queue:
         return self.lease_left() < self.heartbeat_ttl_s / 2
 
     @_guarded("recover")
-    async def recover(self, *, including_self: bool = False) -> dict[str, int]:
+    async def recover(
+        self, *, including_self: bool = False, ready: Callable[[], bool] | None = None
+    ) -> dict[str, int]:
         """Return dead workers' in-flight events to the queue: {worker id: count moved}.
         The heartbeats are read here and each dead worker's list is moved by a script that
-        looks at its heartbeat again (every key it touches named: Redis Cluster)."""
+        looks at its heartbeat again (every key it touches named: Redis Cluster). With
+        ``ready``, nothing is done (``{}``) unless ``ready()`` says so at the moment of the
+        try (:meth:`worker.outage.RedisGuard.answered_for`)."""
+        if ready is not None and not ready():
+            return {}
         own = self.worker_id if including_self else None
         dead = [w for w, beat in (await self._heartbeats()).items() if beat is None or w == own]
         if not dead:

@@ -507,6 +507,11 @@ class Worker:
                 )
             await asyncio.sleep(period)
 
+    def _may_take_for_dead(self) -> bool:
+        """Only once Redis has answered for a heartbeat TTL since an outage: the living
+        workers have renewed their lapsed heartbeats by then (see RedisGuard.answered_for)."""
+        return self.guard.answered_for(self.settings.heartbeat_ttl_s)
+
     async def _keeper_loop(self) -> None:
         running_as("keeper")
         period = min(max(0.5, self.settings.heartbeat_ttl_s / 4), self._tick)
@@ -515,7 +520,7 @@ class Worker:
             if self._inflight == 0:
                 self.monitor.beat("lanes")  # idle lanes are healthy lanes
             await self._warn_foreign_queues()
-            moved = await self.queue.recover()
+            moved = await self.queue.recover(ready=self._may_take_for_dead)
             for wid, n in moved.items():
                 logger.warning("worker %s stopped heartbeating: returned its %d event(s)", wid, n)
             d = await self.queue.depths()
