@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from .redis_errors import redacted_url
+from .redis_errors import _chain, redacted_url
 
 __all__ = [
     "REDIS_ERRORS",
@@ -454,6 +455,9 @@ class _Lookup:
         self.cause = exc
         if isinstance(exc, AuthenticationError):
             why = "refused the sentinel password (sentinel_password=...)"
+        elif any(isinstance(link, ssl.SSLCertVerificationError) for link in _chain(exc)):
+            # redis-py's text is cut below before it says why: name the setting instead
+            why = "has a TLS certificate that ssl_ca_certs does not trust"
         elif isinstance(exc, ResponseError) and "no such master" in str(exc).lower():
             why = f"does not monitor {self.service!r}"
         else:

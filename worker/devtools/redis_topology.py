@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 from . import LocalServer, free_port
 from .redis_server import RedisServer, RedisServerError
 
-__all__ = ["ClusterSet", "SentinelServer", "SentinelSet"]
+__all__ = ["ClusterSet", "SentinelServer", "SentinelSet", "TLSFiles"]
 
 Address = tuple[str, int]
 HOST = "127.0.0.1"
@@ -48,8 +51,33 @@ CLUSTER_SLOTS = 16384
 READY_TIMEOUT_S = 10.0
 
 
-def _client(address: Address, password: str | None = None) -> redis.Redis:
-    """A short-lived admin connection (plain, no retries, short timeouts)."""
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """PEM files of a TLS-only :class:`SentinelSet`: every server's certificate and key, and
+    the CA that issued them (which the servers, the sentinels and the clients trust)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def options(self, port: int) -> list[tuple[str, str]]:
+        """Server options that move the server to TLS on ``port`` (plain TCP off), with TLS
+        to the master (replicas) and to every server and peer (sentinels) as well."""
+        return [
+            ("port", "0"),
+            ("tls-port", str(port)),
+            ("tls-cert-file", str(self.cert)),
+            ("tls-key-file", str(self.key)),
+            ("tls-ca-cert-file", str(self.ca)),
+            ("tls-auth-clients", "no"),
+            ("tls-replication", "yes"),
+        ]
+
+
+def _client(
+    address: Address, password: str | None = None, tls: TLSFiles | None = None
+) -> redis.Redis:
+    """A short-lived admin connection (no retries, short timeouts; TLS with ``tls``)."""
     return redis.Redis(
         host=address[0],
         port=address[1],
@@ -57,6 +85,8 @@ def _client(address: Address, password: str | None = None) -> redis.Redis:
         socket_timeout=1.0,
         socket_connect_timeout=1.0,
         decode_responses=True,
+        ssl=tls is not None,
+        ssl_ca_certs=str(tls.ca) if tls else None,
     )
 
 
@@ -76,12 +106,33 @@ def _wait(condition: str, check: Callable[[], bool], timeout: float = READY_TIME
 
 class _PasswordServer(RedisServer):
     """A ``redis-server`` that may have ``requirepass``: NOAUTH to the raw PING of the
-    readiness check means it is up (it logged that it is ready first, so it is ours)."""
+    readiness check means it is up (it logged that it is ready first, so it is ours).
+    With ``tls`` it speaks TLS only, on its port."""
 
-    @staticmethod
-    def _ping(port: int) -> bool:
+    def __init__(
+        self,
+        *,
+        dir: Path,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        tls: TLSFiles | None = None,
+    ) -> None:
+        super().__init__(dir=dir, port=port, extra_args=extra_args)
+        self.tls = tls
+
+    def _argv(self, port: int) -> list[str]:
+        argv = super()._argv(port)
+        for name, value in self.tls.options(port) if self.tls else ():
+            argv += [f"--{name}", value]  # after --port: the last one counts
+        return argv
+
+    def _ping(self, port: int) -> bool:  # type: ignore[override]  # static above; needs tls
         try:
-            with socket.create_connection((HOST, port), timeout=0.5) as sock:
+            with socket.create_connection((HOST, port), timeout=0.5) as raw:
+                sock = raw
+                if self.tls:
+                    context = ssl.create_default_context(cafile=str(self.tls.ca))
+                    sock = context.wrap_socket(raw, server_hostname=HOST)
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
@@ -93,15 +144,19 @@ class SentinelServer(_PasswordServer):
     same binary under another name: not needed). Sentinel rewrites its configuration file, so
     the file is written anew before every start."""
 
-    def __init__(self, *, dir: Path, port: int, config: list[str]) -> None:
-        super().__init__(dir=dir, port=port)
+    def __init__(
+        self, *, dir: Path, port: int, config: list[str], tls: TLSFiles | None = None
+    ) -> None:
+        super().__init__(dir=dir, port=port, tls=tls)
         self.config = list(config)
         self.config_path = self.dir / "sentinel.conf"
 
     def _argv(self, port: int) -> list[str]:
         argv = super()._argv(port)
+        tls = self.tls.options(port) if self.tls else []
         lines = [
             f"port {port}",
+            *(f"{name} {value}" for name, value in tls),
             f"bind {HOST}",
             "protected-mode no",
             f"dir {self.dir}",
@@ -128,6 +183,10 @@ class SentinelSet(LocalServer):
     sentinels' ``auth-pass``); ``sentinel_password`` protects the sentinels
     (``requirepass`` and ``sentinel-pass`` between them). :attr:`url` is the
     ``redis+sentinel://`` URL of the set with both.
+
+    ``tls`` (:class:`TLSFiles`): every server and sentinel speaks TLS only (``port 0``,
+    ``tls-port``, ``tls-replication yes``), the set's own admin connections too, and
+    :attr:`url` is ``rediss+sentinel://...&ssl_ca_certs=<the CA file>``.
     """
 
     def __init__(
@@ -142,8 +201,10 @@ class SentinelSet(LocalServer):
         failover_timeout_ms: int = 2000,
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.dir = Path(dir)
+        self.tls = tls
         self.service = service
         self.quorum = quorum
         self.down_after_ms = down_after_ms
@@ -167,14 +228,18 @@ class SentinelSet(LocalServer):
     def url(self) -> str:
         hosts = ",".join(f"{h}:{p}" for h, p in self.sentinel_addresses)
         auth = f":{self.password}@" if self.password else ""
-        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
-        return f"redis+sentinel://{auth}{hosts}/{self.service}/0{query}"
+        params = [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        if self.tls:
+            params.append(f"ssl_ca_certs={quote(str(self.tls.ca))}")
+        query = "?" + "&".join(params) if params else ""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{self.service}/0{query}"
 
     def master_address(self) -> Address:
         """The master as the first sentinel that answers names it."""
         for address in self.sentinel_addresses:
             try:
-                with _client(address, self.sentinel_password) as s:
+                with _client(address, self.sentinel_password, self.tls) as s:
                     host, port = s.sentinel_get_master_addr_by_name(self.service)
                     return str(host), int(port)
             except (redis.RedisError, OSError):
@@ -199,13 +264,16 @@ class SentinelSet(LocalServer):
         if self.sentinels:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
-        master = _PasswordServer(dir=self.dir / "master", extra_args=self._data_args())
+        master = _PasswordServer(
+            dir=self.dir / "master", extra_args=self._data_args(), tls=self.tls
+        )
         self.data.append(master)
         master.start()
         for n in range(self._n_replicas):
             replica = _PasswordServer(
                 dir=self.dir / f"replica-{n + 1}",
                 extra_args=(*self._data_args(), "--replicaof", HOST, str(master.port)),
+                tls=self.tls,
             )
             self.data.append(replica)
             replica.start()
@@ -220,14 +288,14 @@ class SentinelSet(LocalServer):
 
     def _in_sync(self, port: int) -> Callable[[], bool]:
         def check() -> bool:
-            with _client((HOST, port), self.password) as r:
+            with _client((HOST, port), self.password, self.tls) as r:
                 return bool(r.info("replication").get("master_link_status") == "up")
 
         return check
 
     def _acked(self, master_port: int) -> Callable[[], bool]:
         def check() -> bool:
-            with _client((HOST, master_port), self.password) as r:
+            with _client((HOST, master_port), self.password, self.tls) as r:
                 r.set("notifier-devtools:ready", 1)  # a write: it moves the offset
                 r.delete("notifier-devtools:ready")
                 return int(r.wait(self._n_replicas, 50)) >= self._n_replicas
@@ -261,7 +329,9 @@ class SentinelSet(LocalServer):
                 for other_port, other_id in zip(ports, ids, strict=True)
                 if other_port != port
             ]
-            sentinel = SentinelServer(dir=self.dir / f"sentinel-{n + 1}", port=port, config=config)
+            sentinel = SentinelServer(
+                dir=self.dir / f"sentinel-{n + 1}", port=port, config=config, tls=self.tls
+            )
             self.sentinels.append(sentinel)
             sentinel.start()
         for address in self.sentinel_addresses:
@@ -272,7 +342,7 @@ class SentinelSet(LocalServer):
 
     def _ready(self, address: Address) -> Callable[[], bool]:
         def check() -> bool:
-            with _client(address, self.sentinel_password) as s:
+            with _client(address, self.sentinel_password, self.tls) as s:
                 state = s.sentinel_master(self.service)
             return bool(
                 state["is_master"]
@@ -300,13 +370,13 @@ class SentinelSet(LocalServer):
         def switched() -> bool:
             named = set()
             for address in self.sentinel_addresses:
-                with _client(address, self.sentinel_password) as s:
+                with _client(address, self.sentinel_password, self.tls) as s:
                     host, port = s.sentinel_get_master_addr_by_name(self.service)
                 named.add((str(host), int(port)))
             if len(named) != 1 or self.killed in named:
                 return False
             (new,) = named
-            with _client(new, self.password) as r:
+            with _client(new, self.password, self.tls) as r:
                 if r.info("replication")["role"] != "master":
                     return False
             found[:] = [new]
