@@ -23,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 import redis.cluster
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from producer import AsyncNotifier, Notifier, NotifierUnavailable
 from producer.keys import Keys
@@ -409,3 +410,26 @@ def test_loss_of_the_queue_node_is_waited_out_nothing_lost(
     assert sum(n - 1 for n in got.values()) <= 2  # at most the lanes' events in flight
     assert dead_letters(rc) == []
     assert_one_slot(cluster, K.sent("after"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0",
+        "redis+sentinel://127.0.0.1:1/mymaster/0",
+        "redis+cluster://127.0.0.1:1",
+    ],
+    ids=["standalone", "sentinel", "cluster"],
+)
+async def test_the_worker_client_makes_no_retries_of_its_own(url: str) -> None:
+    """Every failed call reaches the worker's guard (which counts it, so that the fetch loop
+    returns what a lost reply moved): redis-py's own retries are off for every topology (the
+    cluster client's default was 3 tries, hiding a lost BLMOVE reply)."""
+    from worker.queue import connect
+
+    client = connect(url)
+    try:
+        retry = client.retry if isinstance(client, AsyncRedisCluster) else client.get_retry()
+        assert retry is not None and retry.get_retries() == 0
+    finally:
+        await client.aclose()

@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from producer.keys import Keys
-from producer.topology import Kind, async_client, describe
+from producer.topology import async_client
 
 from .records import DeliveryRecord, Status
 
@@ -483,17 +483,18 @@ def connect(url: str, *, timeout: float = 5.0) -> aredis.Redis:
     a failover; on a Cluster it is redis-py's cluster client, which offers every command the
     worker sends (all of its keys are in one slot) and is typed as a ``Redis`` here.
 
-    Standalone and Sentinel clients make no retries of their own (redis-py's default tries
-    a command up to ten times more, for seconds): the worker's guard (:mod:`worker.outage`)
-    retries, and so sees every failed call, including a fetch whose reply was lost after
-    Redis had moved the events (the fetch loop then returns them to the queue)."""
+    The clients make no retries of their own (redis-py's default tries a command up to ten
+    times more, for seconds; the cluster client's, three): the worker's guard
+    (:mod:`worker.outage`) retries, and so sees every failed call, including a fetch whose
+    reply was lost after Redis had moved the events (the fetch loop then returns them to
+    the queue). A cluster client still follows MOVED and ASK, and re-reads the slot map at
+    its next call after a connection error."""
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout + 5.0,  # above the blocking fetch's wait
         "health_check_interval": 30,
     }
-    if describe(url).kind != Kind.CLUSTER:
-        options["retry"] = Retry(NoBackoff(), 0)
+    options["retry"] = Retry(NoBackoff(), 0)
     return cast(aredis.Redis, async_client(url, **options))
 
 
