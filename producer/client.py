@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .env import resolve, resolve_replicas
+from .env import resolve
 from .event import (
     MAX_EVENT_BYTES,
     Event,
@@ -370,15 +370,18 @@ class _Producer(Generic[ClientT]):
         replicas: int | None = None,
         replica_timeout_ms: int | None = None,
     ) -> None:
-        url, prefix = resolve(redis_url=redis_url, key_prefix=key_prefix, env_file=env_file)
+        url, prefix, self.replicas, self.replica_timeout_ms = resolve(
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            env_file=env_file,
+            replicas=replicas,
+            replica_timeout_ms=replica_timeout_ms,
+        )
         if client is None:
             describe(url)  # a URL that is not one is a ValueError here, not at the first send
         self.keys = Keys.for_redis(prefix, client if client is not None else url)
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.retry_s = _seconds("retry_s", retry_s, positive=False)
-        self.replicas, self.replica_timeout_ms = resolve_replicas(
-            replicas=replicas, replica_timeout_ms=replica_timeout_ms, env_file=env_file
-        )
         if self.replicas and self.keys.cluster:
             raise ValueError(
                 f"replicas={self.replicas}: acknowledged pushes need a standalone or Sentinel "

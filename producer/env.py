@@ -19,13 +19,14 @@ import codecs
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_KEY_PREFIX",
     "DEFAULT_REDIS_URL",
+    "ProducerSettings",
     "read_env_file",
     "resolve",
-    "resolve_replicas",
 ]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -96,23 +97,11 @@ def _env_file_values(env_file: str | os.PathLike[str] | None) -> dict[str, str]:
         ) from None
 
 
-def resolve(
-    *,
-    redis_url: str | None,
-    key_prefix: str | None,
-    env_file: str | os.PathLike[str] | None,
-) -> tuple[str, str]:
-    """The Redis URL and key prefix: argument, else environment, else env file, else default
-    (an empty value counts as unset)."""
-    from_file = _env_file_values(env_file)
-
-    def pick(given: str | None, name: str, default: str) -> str:
-        return given or os.environ.get(name) or from_file.get(name) or default
-
-    return (
-        pick(redis_url, "NOTIFIER_REDIS_URL", DEFAULT_REDIS_URL),
-        pick(key_prefix, "NOTIFIER_KEY_PREFIX", DEFAULT_KEY_PREFIX),
-    )
+class ProducerSettings(NamedTuple):
+    redis_url: str
+    key_prefix: str
+    replicas: int  # acknowledged pushes: replicas that must confirm a send (0: none)
+    replica_timeout_ms: int  # how long WAIT waits for them
 
 
 REPLICAS_VARIABLE = "NOTIFIER_PRODUCER_REPLICAS"
@@ -120,23 +109,29 @@ REPLICA_TIMEOUT_VARIABLE = "NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS"
 DEFAULT_REPLICA_TIMEOUT_MS = 100
 
 
-def resolve_replicas(
+def resolve(
     *,
-    replicas: int | None,
-    replica_timeout_ms: int | None,
+    redis_url: str | None,
+    key_prefix: str | None,
     env_file: str | os.PathLike[str] | None,
-) -> tuple[int, int]:
-    """Acknowledged pushes: how many replicas must confirm a send, and how long to wait for
-    them (ms). Argument, else ``NOTIFIER_PRODUCER_REPLICAS`` /
-    ``NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS`` in the environment, else in the env file, else
-    0 and 100. ``ValueError`` in one line naming the setting when it is not a whole number
+    replicas: int | None = None,
+    replica_timeout_ms: int | None = None,
+) -> ProducerSettings:
+    """The producer's settings, each from its argument, else the environment, else the env
+    file (read once), else its default (an empty value counts as unset): the Redis URL and
+    key prefix (``NOTIFIER_REDIS_URL`` / ``NOTIFIER_KEY_PREFIX``), and for acknowledged
+    pushes ``NOTIFIER_PRODUCER_REPLICAS`` (0) and ``NOTIFIER_PRODUCER_REPLICA_TIMEOUT_MS``
+    (100). ``ValueError`` in one line naming the setting when a number is not a whole number
     (replicas 0 or more, the timeout above 0)."""
-    from_file = _env_file_values(env_file) if replicas is None or replica_timeout_ms is None else {}
+    from_file = _env_file_values(env_file)
 
-    def pick(given: int | None, name: str, default: int, minimum: int) -> int:
+    def pick(given: str | None, name: str, default: str) -> str:
+        return given or os.environ.get(name) or from_file.get(name) or default
+
+    def number(given: int | None, argument: str, name: str, default: int, minimum: int) -> int:
         if given is not None:
             value: object = given
-            shown = f"{'replicas' if name == REPLICAS_VARIABLE else 'replica_timeout_ms'}={given!r}"
+            shown = f"{argument}={given!r}"
         else:
             raw = os.environ.get(name) or from_file.get(name)
             if not raw:
@@ -151,7 +146,15 @@ def resolve_replicas(
             raise ValueError(f"{shown}: give a whole number, {need}")
         return value
 
-    return (
-        pick(replicas, REPLICAS_VARIABLE, 0, 0),
-        pick(replica_timeout_ms, REPLICA_TIMEOUT_VARIABLE, DEFAULT_REPLICA_TIMEOUT_MS, 1),
+    return ProducerSettings(
+        pick(redis_url, "NOTIFIER_REDIS_URL", DEFAULT_REDIS_URL),
+        pick(key_prefix, "NOTIFIER_KEY_PREFIX", DEFAULT_KEY_PREFIX),
+        number(replicas, "replicas", REPLICAS_VARIABLE, 0, 0),
+        number(
+            replica_timeout_ms,
+            "replica_timeout_ms",
+            REPLICA_TIMEOUT_VARIABLE,
+            DEFAULT_REPLICA_TIMEOUT_MS,
+            1,
+        ),
     )
