@@ -65,6 +65,7 @@ later on: catch :data:`REDIS_ERRORS`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import ssl
 import time
@@ -633,13 +634,9 @@ async def _node(run: Callable[..., Awaitable[Any]], address: str) -> dict[str, A
     repl = await run("INFO", "replication")
     pers = await run("INFO", "persistence")
     config: dict[str, str] = {}
-    try:
-        for name in ("appendfsync", "save"):
-            config.update(
-                {_text(k): _text(v) for k, v in dict(await run("CONFIG GET", name)).items()}
-            )
-    except ResponseError:
-        pass
+    with contextlib.suppress(ResponseError):  # one round trip for every parameter (Redis 7)
+        raw = await run("CONFIG GET", "appendfsync", "save", "maxmemory-policy", "maxmemory")
+        config = {_text(k): _text(v) for k, v in dict(raw).items()}
     master_offset = int(repl.get("master_repl_offset", 0))
     replicas = []
     for n in range(int(repl.get("connected_slaves", 0))):
@@ -670,6 +667,10 @@ async def _node(run: Callable[..., Awaitable[Any]], address: str) -> dict[str, A
             "rdb_last_bgsave_ok": pers.get("rdb_last_bgsave_status", "ok") == "ok",
             "aof_last_write_ok": pers.get("aof_last_write_status", "ok") == "ok",
             "loading": bool(int(pers.get("loading", 0))),
+        },
+        "eviction": {  # None: CONFIG refused
+            "policy": config.get("maxmemory-policy"),
+            "maxmemory": config.get("maxmemory"),
         },
         "replicas": replicas,
     }
@@ -750,8 +751,26 @@ def _problems(report: dict[str, Any]) -> list[str]:
         if master["role"] != "master":
             out.append(f"{where} is a {master['role']}, not a master: writes fail (READONLY)")
         p = master["persistence"]
-        if not p["aof"] and p["rdb_save"] == "":
+        if p["rdb_save"] is None:
+            out.append(
+                f"{where}: CONFIG GET refused (a managed Redis?): make sure it persists (AOF) "
+                "and never evicts"
+            )
+        elif not p["aof"] and p["rdb_save"] == "":
             out.append(f"{where}: no persistence (no AOF, no RDB save): a restart loses the queue")
+        elif not p["aof"]:
+            out.append(
+                f"{where}: RDB only: a crash loses alerts queued since the last snapshot; set "
+                "appendonly yes (deploy/redis-notifier.conf)"
+            )
+        policy, maxmemory = master["eviction"]["policy"], master["eviction"]["maxmemory"]
+        if policy is not None and (
+            (policy != "noeviction" and maxmemory not in (None, "0"))
+            or policy.startswith("allkeys")
+        ):
+            out.append(
+                f"{where}: maxmemory-policy {policy} may evict queued alerts; use noeviction"
+            )
         if not p["rdb_last_bgsave_ok"] or not p["aof_last_write_ok"]:
             out.append(f"{where}: persistence is failing (writes will get MISCONF): see its log")
         if report["topology"] == Kind.SENTINEL and not master["replicas"]:

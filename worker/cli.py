@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import RedisError
-
 from producer.client import AsyncNotifier, NotifierUnavailable
 from producer.event import Event, InvalidEvent, check_strategy, event_from_dict, parse_event
 from producer.redis_errors import explain_redis_error
@@ -458,11 +456,8 @@ async def _check(args: argparse.Namespace) -> int:
             f"{d.queue} waiting, retry {d.retry}, dead {d.dead}, processing {d.processing}, "
             f"held {d.held}"
         )
-        durability = await _redis_durability(q)
-        for line in await _redis_topology(q, durability):
+        for line in await _redis_topology(q):
             print(f"redis      {line}")
-        for warning in durability:
-            print(f"redis      WARNING: {warning}")
         for key, n in (await q.foreign_queues()).items():
             print(
                 f"redis      WARNING: {n} event(s) wait in {key}, which no worker of prefix "
@@ -587,53 +582,15 @@ async def _check_channel(conf: HttpChannelSettings) -> tuple[bool, str]:
         await channel.close()
 
 
-async def _redis_topology(q: Queue, durability: list[str]) -> list[str]:
+async def _redis_topology(q: Queue) -> list[str]:
     """The topology (standalone, Sentinel master + replicas, Cluster masters), each master's
-    persistence and its replicas' lag, and warnings (those ``durability`` already gives are
-    left out)."""
+    persistence and its replicas' lag, and warnings: no persistence or RDB only, an eviction
+    policy that could evict queued alerts, replicas behind, sentinels not answering."""
     try:
         report = await inspect(cast(AsyncClient, q.redis))
     except REDIS_ERRORS as exc:
         return [f"WARNING: cannot read the topology: {explain_redis_error(exc, None)}"]
-    said = any("no persistence" in warning for warning in durability)
-    return [
-        line
-        for line in format_inspection(report)
-        if not (said and line.startswith("WARNING:") and "no persistence" in line)
-    ]
-
-
-async def _redis_durability(q: Queue) -> list[str]:
-    """Warnings about a Redis that would lose queued alerts on restart or evict them."""
-    out = []
-    try:
-        cfg: dict[str, Any] = {}
-        for key in ("appendonly", "save", "maxmemory-policy", "maxmemory"):
-            cfg.update(dict(await q.redis.config_get(key)))  # type: ignore[arg-type]
-    except RedisError:
-        return ["cannot read CONFIG (managed Redis?): make sure it persists (AOF) and never evicts"]
-    val: dict[str, str] = {
-        (k.decode() if isinstance(k, bytes) else str(k)): (
-            v.decode() if isinstance(v, bytes) else str(v)
-        )
-        for k, v in cfg.items()
-    }
-    if val.get("appendonly") != "yes" and not val.get("save"):
-        out.append(
-            "no persistence (appendonly no, no RDB save): a Redis restart loses every "
-            "queued alert; see deploy/redis-notifier.conf"
-        )
-    elif val.get("appendonly") != "yes":
-        out.append(
-            "RDB only: a crash loses alerts queued since the last snapshot; "
-            "set appendonly yes (deploy/redis-notifier.conf)"
-        )
-    policy = val.get("maxmemory-policy", "noeviction")
-    if (policy != "noeviction" and val.get("maxmemory", "0") != "0") or policy.startswith(
-        "allkeys"
-    ):
-        out.append(f"maxmemory-policy {policy} may evict queued alerts; use noeviction")
-    return out
+    return format_inspection(report)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
