@@ -542,8 +542,10 @@ class _AsyncSentinelMaster(aredis.Redis):
         try:
             await super().aclose(close_connection_pool)
         finally:
-            manager = self.connection_pool.sentinel_manager  # type: ignore[attr-defined]
-            await manager.aclose()
+            # (each sentinel client in turn, as the sync close does: Sentinel.aclose() is
+            # redis-py 8.1's, and older versions are allowed)
+            for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+                await sentinel.aclose()
 
 
 # redis-py leaves the Sentinel constructors untyped: named once here with their types.
