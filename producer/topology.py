@@ -436,6 +436,24 @@ def _state(raw: object) -> Mapping[str, Any]:
     return raw
 
 
+def _sentinel_failure(exc: BaseException, service: str) -> str:
+    """Why asking a sentinel about ``service`` failed, in a few words (after its address)."""
+    if isinstance(exc, AuthenticationError):
+        return "refused the sentinel password (sentinel_password=...)"
+    if any(isinstance(link, ssl.SSLCertVerificationError) for link in _chain(exc)):
+        # redis-py's text is cut below before it says why: name the setting instead
+        return "has a TLS certificate that ssl_ca_certs does not trust"
+    if isinstance(exc, ResponseError) and "no such master" in str(exc).lower():
+        return f"does not monitor {service!r}"
+    return " ".join(str(exc).split())[:80] or type(exc).__name__
+
+
+def _master_up(state: Mapping[str, Any]) -> bool:
+    """A sentinel's SENTINEL MASTER reply says the master is up (as redis-py's
+    ``check_master_state`` with no minimum of other sentinels)."""
+    return bool(state.get("is_master") and not state.get("is_sdown") and not state.get("is_odown"))
+
+
 class _Lookup:
     """One master lookup across the sentinels: the time budget and what each one said."""
 
@@ -454,20 +472,11 @@ class _Lookup:
 
     def failed(self, where: str, exc: BaseException) -> None:
         self.cause = exc
-        if isinstance(exc, AuthenticationError):
-            why = "refused the sentinel password (sentinel_password=...)"
-        elif any(isinstance(link, ssl.SSLCertVerificationError) for link in _chain(exc)):
-            # redis-py's text is cut below before it says why: name the setting instead
-            why = "has a TLS certificate that ssl_ca_certs does not trust"
-        elif isinstance(exc, ResponseError) and "no such master" in str(exc).lower():
-            why = f"does not monitor {self.service!r}"
-        else:
-            why = " ".join(str(exc).split())[:80] or type(exc).__name__
-        self.notes.append(f"{where} {why}")
+        self.notes.append(f"{where} {_sentinel_failure(exc, self.service)}")
 
     def answer(self, where: str, state: Mapping[str, Any]) -> Address | None:
         """The master's address if this sentinel sees it up, else None (noted)."""
-        if state.get("is_master") and not state.get("is_sdown") and not state.get("is_odown"):
+        if _master_up(state):
             return str(state["ip"]), int(state["port"])
         self.notes.append(f"{where} sees it down ({state.get('flags', '?')}; failover under way?)")
         return None
@@ -682,16 +691,13 @@ async def _sentinel_view(sentinel: aredis.Redis, service: str) -> dict[str, Any]
     where = _label(sentinel)
     try:
         state = _state(await sentinel.sentinel_master(service))
-    except (RedisError, OSError, TimeoutError) as exc:
-        lookup = _Lookup(service, None)
-        lookup.failed(where, exc)
-        return {"address": where, "ok": False, "error": lookup.notes[0].removeprefix(where + " ")}
-    up = bool(state.get("is_master") and not state.get("is_sdown") and not state.get("is_odown"))
+    except (RedisError, OSError) as exc:  # (TimeoutError is an OSError)
+        return {"address": where, "ok": False, "error": _sentinel_failure(exc, service)}
     return {
         "address": where,
         "ok": True,
         "master": f"{state.get('ip')}:{state.get('port')}",
-        "master_up": up,
+        "master_up": _master_up(state),
         "flags": str(state.get("flags", "")),
         "quorum": int(state.get("quorum", 0)),
         "other_sentinels": int(state.get("num-other-sentinels", 0)),
