@@ -27,8 +27,9 @@ __all__ = ["REDIS_ERRORS", "RedisGuard", "running_as"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# (the cluster client's RedisClusterException, which no node answering raises, is one)
-REDIS_ERRORS = (*topology.REDIS_ERRORS, asyncio.TimeoutError)
+# (the cluster client's RedisClusterException, which no node answering raises, is one;
+# asyncio's TimeoutError is the builtin one, an OSError)
+REDIS_ERRORS = topology.REDIS_ERRORS
 _PERMANENT = frozenset({RedisProblem.OTHER, RedisProblem.NO_PERMISSION})
 _DOWN = frozenset({RedisProblem.UNREACHABLE, RedisProblem.HOST_NOT_FOUND, RedisProblem.TIMEOUT})
 _LOOP: ContextVar[str | None] = ContextVar("notifier_loop", default=None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from producer.client import Notifier, NotifierNotReplicated
+from producer.event import event_from_dict
 
 from ..devtools.postfix import postfix_unavailable
 from ..devtools.proxy import ProxyProcess
@@ -555,11 +556,10 @@ def _timed_sends(runs: Sequence[_Sends], n: int) -> None:
     drift of the machine's speed weighs on every kind alike; each call timed."""
     for i in range(n):
         for run in runs:
-            ev = _sample_event(run.tag, i, time.time())
-            del ev["v"]
+            event = event_from_dict(_sample_event(run.tag, i, time.time()))
             started = time.perf_counter()
             try:
-                run.producer.send(ev.pop("subject"), **ev)
+                run.producer.send_event(event)
             except NotifierNotReplicated:
                 run.unconfirmed += 1
             run.times.append(time.perf_counter() - started)
