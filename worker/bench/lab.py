@@ -111,10 +111,10 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaPair:
-    """A Redis master and its replica, the replica's link through ``proxy`` if it has one."""
+    """A Redis master with a replica (stopped with the lab), the replica's link through
+    ``proxy`` if it has one."""
 
     master: RedisServer
-    replica: RedisServer
     proxy: ProxyProcess | None
 
 
@@ -171,19 +171,6 @@ def _message_bytes() -> bytes:
     event = event_from_dict(_sample_event("x", 0, time.time()))
     composer = Composer(mail_from=MAIL_FROM)
     return message_bytes(composer.compose(event, event_id=event.id or "x", recipients=[MAIL_TO]))
-
-
-def _wait_replicated(url: str) -> None:
-    """Until a write on the master at ``url`` is acknowledged by one replica (Redis 7 streams
-    to a new replica once it sent its first ACK, up to a second after the sync)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with redis.Redis.from_url(url, socket_timeout=5.0) as r:
-        while True:
-            r.set("bench:replicated", 1)
-            if int(r.wait(1, 100)) >= 1:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"no replica acknowledged a write within {READY_TIMEOUT_S:.0f} s")
 
 
 # ====================================================================== processes
@@ -464,6 +451,7 @@ class Lab:
 
         def make() -> ReplicaPair:
             from ..devtools.redis_server import RedisServer
+            from ..devtools.redis_topology import wait_replicated
 
             name = "far" if via_proxy else "near"
             master = RedisServer(
@@ -479,8 +467,8 @@ class Lab:
             )
             replica.start()
             self._stack.callback(replica.stop)
-            _wait_replicated(master.url)
-            return ReplicaPair(master, replica, proxy)
+            wait_replicated(("127.0.0.1", master.port))
+            return ReplicaPair(master, proxy)
 
         pair: ReplicaPair = self._once(f"replica-pair-{via_proxy}", make)
         return pair

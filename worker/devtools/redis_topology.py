@@ -43,7 +43,7 @@ import redis
 from . import LocalServer, free_port
 from .redis_server import RedisServer, RedisServerError
 
-__all__ = ["ClusterSet", "SentinelServer", "SentinelSet", "TLSFiles"]
+__all__ = ["ClusterSet", "SentinelServer", "SentinelSet", "TLSFiles", "wait_replicated"]
 
 Address = tuple[str, int]
 HOST = "127.0.0.1"
@@ -102,6 +102,23 @@ def _wait(condition: str, check: Callable[[], bool], timeout: float = READY_TIME
             last = exc
         time.sleep(0.02)
     raise RedisServerError(f"{condition} within {timeout} s (last error: {last!r})")
+
+
+def wait_replicated(
+    master: Address, replicas: int = 1, password: str | None = None, tls: TLSFiles | None = None
+) -> None:
+    """Until a write on ``master`` is acknowledged by ``replicas`` replicas (``WAIT``).
+    Redis 7 streams writes to a new replica only after its first REPLCONF ACK (sent once a
+    second): waiting for it keeps a test's or a bench's first WAIT from spending that
+    second. The key it writes is deleted again."""
+
+    def acked() -> bool:
+        with _client(master, password, tls) as r:
+            r.set("notifier-devtools:ready", 1)  # a write: it moves the offset
+            r.delete("notifier-devtools:ready")
+            return int(r.wait(replicas, 50)) >= replicas
+
+    _wait(f"{replicas} replica(s) acknowledging a write on {master[1]}", acked)
 
 
 class _PasswordServer(RedisServer):
@@ -282,7 +299,7 @@ class SentinelSet(LocalServer):
         # Redis 7 streams writes to a new replica only after its first REPLCONF ACK (sent
         # once a second): wait until a write is acknowledged, so that a test's first WAIT
         # does not spend that second.
-        _wait("the master counting every replica's acknowledgement", self._acked(master.port))
+        wait_replicated((HOST, master.port), self._n_replicas, self.password, self.tls)
         self._start_sentinels(master.port)
         return self
 
@@ -290,15 +307,6 @@ class SentinelSet(LocalServer):
         def check() -> bool:
             with _client((HOST, port), self.password, self.tls) as r:
                 return bool(r.info("replication").get("master_link_status") == "up")
-
-        return check
-
-    def _acked(self, master_port: int) -> Callable[[], bool]:
-        def check() -> bool:
-            with _client((HOST, master_port), self.password, self.tls) as r:
-                r.set("notifier-devtools:ready", 1)  # a write: it moves the offset
-                r.delete("notifier-devtools:ready")
-                return int(r.wait(self._n_replicas, 50)) >= self._n_replicas
 
         return check
 
