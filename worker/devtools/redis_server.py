@@ -160,11 +160,14 @@ class RedisServer(LocalServer):
             + self._tail(self.log_path, log_offset)
         )
 
+    # What the log says once the server listens (a sentinel logs its monitors instead).
+    ready_mark = _READY_MARK
+
     def _logged_ready(self, offset: int) -> bool:
         try:
             with self.log_path.open("rb") as log:
                 log.seek(offset)
-                return _READY_MARK in log.read()
+                return self.ready_mark in log.read()
         except FileNotFoundError:
             return False
 
@@ -178,14 +181,20 @@ class RedisServer(LocalServer):
             return f"--- {path}: missing ---"
         return f"--- {path} ---\n" + "\n".join(text.splitlines()[-lines:])
 
-    @staticmethod
-    def _ping(port: int) -> bool:
+    def _ping(self, port: int) -> bool:
+        """A raw PING answered: PONG, or NOAUTH from a server with ``requirepass`` (it logged
+        that it is ready first, so it is ours)."""
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+                sock = self._wrap(raw)
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
+
+    def _wrap(self, sock: socket.socket) -> socket.socket:
+        """The readiness check's socket as the server expects it (TLS in a subclass)."""
+        return sock
 
     def _terminate(self, sig: signal.Signals) -> None:
         proc = self._proc

@@ -41,7 +41,7 @@ from urllib.parse import quote
 import redis
 
 from . import LocalServer, free_port
-from .redis_server import RedisServer, RedisServerError
+from .redis_server import RedisServer, RedisServerError, _redis_executable
 
 __all__ = ["ClusterSet", "SentinelServer", "SentinelSet", "TLSFiles", "wait_replicated"]
 
@@ -122,9 +122,8 @@ def wait_replicated(
 
 
 class _PasswordServer(RedisServer):
-    """A ``redis-server`` that may have ``requirepass``: NOAUTH to the raw PING of the
-    readiness check means it is up (it logged that it is ready first, so it is ours).
-    With ``tls`` it speaks TLS only, on its port."""
+    """A ``redis-server`` that may have ``requirepass``; with ``tls`` it speaks TLS only, on
+    its port."""
 
     def __init__(
         self,
@@ -143,23 +142,19 @@ class _PasswordServer(RedisServer):
             argv += [f"--{name}", value]  # after --port: the last one counts
         return argv
 
-    def _ping(self, port: int) -> bool:  # type: ignore[override]  # static above; needs tls
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5) as raw:
-                sock = raw
-                if self.tls:
-                    context = ssl.create_default_context(cafile=str(self.tls.ca))
-                    sock = context.wrap_socket(raw, server_hostname=HOST)
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
+    def _wrap(self, sock: socket.socket) -> socket.socket:
+        if self.tls is None:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        return context.wrap_socket(sock, server_hostname=HOST)
 
 
 class SentinelServer(_PasswordServer):
     """``redis-server sentinel.conf --sentinel`` (the Debian ``redis-sentinel`` package is the
     same binary under another name: not needed). Sentinel rewrites its configuration file, so
     the file is written anew before every start."""
+
+    ready_mark = b"+monitor master"  # it never logs "Ready to accept connections"
 
     def __init__(
         self, *, dir: Path, port: int, config: list[str], tls: TLSFiles | None = None
@@ -169,7 +164,6 @@ class SentinelServer(_PasswordServer):
         self.config_path = self.dir / "sentinel.conf"
 
     def _argv(self, port: int) -> list[str]:
-        argv = super()._argv(port)
         tls = self.tls.options(port) if self.tls else []
         lines = [
             f"port {port}",
@@ -181,16 +175,7 @@ class SentinelServer(_PasswordServer):
             *self.config,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
-        return [argv[0], str(self.config_path), "--sentinel"]
-
-    def _logged_ready(self, offset: int) -> bool:
-        # A sentinel never logs "Ready to accept connections"; it logs its monitors.
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(offset)
-                return b"+monitor master" in log.read()
-        except FileNotFoundError:
-            return False
+        return [_redis_executable(), str(self.config_path), "--sentinel"]
 
 
 class SentinelSet(LocalServer):
