@@ -48,13 +48,10 @@ TICK_S = 0.1  # Redis ends a timed-out WAIT on a tick of its timer (hz 10)
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
     """Shared by the module; its master is never stopped (a frozen master would be failed
     over after the sentinels' down-after-milliseconds)."""
-    sentinel_set = SentinelSet(
+    with SentinelSet(
         tmp_path_factory.mktemp("acked"), password=PASSWORD, sentinel_password=SENTINEL_PASSWORD
-    )
-    try:
-        yield sentinel_set.start()
-    finally:
-        sentinel_set.stop()
+    ) as sentinel_set:
+        yield sentinel_set
 
 
 @pytest.fixture(autouse=True)

@@ -58,11 +58,8 @@ Cluster = redis.cluster.RedisCluster
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
-    servers = ClusterSet(tmp_path_factory.mktemp("cluster"))
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    with ClusterSet(tmp_path_factory.mktemp("cluster")) as servers:
+        yield servers
 
 
 @pytest.fixture

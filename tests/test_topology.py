@@ -87,30 +87,21 @@ def _sentinel_set(directory: Path) -> SentinelSet:
 @pytest.fixture(scope="module")
 def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
     """Shared by the module: never killed."""
-    servers = _sentinel_set(tmp_path_factory.mktemp("sentinel-set"))
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    with _sentinel_set(tmp_path_factory.mktemp("sentinel-set")) as servers:
+        yield servers
 
 
 @pytest.fixture
 def own_sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     """A set of the test's own, for the tests that kill its master."""
-    servers = _sentinel_set(tmp_path / "sentinel-set")
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    with _sentinel_set(tmp_path / "sentinel-set") as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
 def cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
-    servers = ClusterSet(tmp_path_factory.mktemp("cluster-set"))
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    with ClusterSet(tmp_path_factory.mktemp("cluster-set")) as servers:
+        yield servers
 
 
 @pytest.fixture

@@ -60,13 +60,10 @@ def tls_set(
     files = TLSFiles(cert=directory / "cert.pem", key=directory / "key.pem", ca=tls_ca.ca_file)
     tls_ca.server_cert.cert_chain_pems[0].write_to_path(str(files.cert))
     tls_ca.server_cert.private_key_pem.write_to_path(str(files.key))
-    servers = SentinelSet(
+    with SentinelSet(
         directory / "set", password=PASSWORD, sentinel_password=SENTINEL_PASSWORD, tls=files
-    )
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    ) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

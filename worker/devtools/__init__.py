@@ -29,7 +29,11 @@ class LocalServer:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # what did start (a set of servers half up) is stopped
+            raise
         return self
 
     def __exit__(
