@@ -41,7 +41,7 @@ import re
 import socket
 from collections.abc import Iterator
 from enum import StrEnum
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from redis import exceptions as rex
 from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFoundError
@@ -90,18 +90,19 @@ def redacted_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for logs and messages): the one in the
     user part, also when it names several hosts (``redis+sentinel://:pw@h1:26379,h2:26379/m``),
     and the value of any query parameter ending in ``password`` (``?sentinel_password=...``)."""
+    scheme, sep, rest = url.partition("://")
+    # Up to the last '@', not urlsplit's host part: an unencoded / ? # in the password
+    # would end that early and leave the rest of the password in the "path".
+    userinfo, at, after = rest.rpartition("@")
+    masked = url
+    if sep and at and ":" in userinfo:
+        masked = f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{after}"
     try:
-        parts = urlsplit(url)
+        urlsplit(masked)
     except ValueError:
         return "<unparsable URL>"
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    head, question, query = masked.partition("?")
+    return head + question + _QUERY_PASSWORD.sub(r"\1***", query)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

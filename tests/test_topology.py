@@ -676,3 +676,18 @@ def test_standalone_clients_and_inspect(redis_url: str) -> None:
     (m,) = report["masters"]
     assert m["address"] == redis_url.removeprefix("redis://").removesuffix("/0")
     assert format_inspection(report)[0] == "topology standalone"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis+sentinel://:pa/ss@h:26379/m", "redis+sentinel://:***@h:26379/m"),
+        ("redis://:pa#ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://u:pa?ss@h/0", "redis://u:***@h/0"),
+        ("unix:///run/r.sock?db=0&password=pw", "unix:///run/r.sock?db=0&password=***"),
+    ],
+)
+def test_redacted_url_masks_a_password_that_ends_the_host_part_early(url: str, shown: str) -> None:
+    """An unencoded / ? # in a password ends urlsplit's host part early: the mask runs to
+    the last '@' instead (the text of every log line and error that shows REDIS_URL)."""
+    assert redacted_url(url) == shown
